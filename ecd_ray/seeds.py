@@ -1,0 +1,183 @@
+"""Read seed instructions from JSONL or Parquet, validate them, give them stable ids.
+
+Every input row ends in exactly one of two places: the valid seeds, or the rejects with a
+reason (``invalid_utf8``, ``invalid_json``, ``not_an_object``, ``missing_column``,
+``empty_instruction``, ``not_a_string``, ``instruction_too_long``, ``duplicate_id``,
+``duplicate_instruction``). Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from ecd_ray.config import SeedsConfig
+from ecd_ray.schema import reject
+
+
+@dataclass
+class SeedReadResult:
+    """Valid seeds (rows of ``schema.SEEDS``), rejects (rows of ``schema.REJECTS``), counts."""
+
+    seeds: list[dict[str, Any]] = field(default_factory=list)
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    rows_read: int = 0
+
+
+def normalize(text: str) -> str:
+    """The form two instructions are compared in: NFC, case-folded, whitespace collapsed."""
+    return " ".join(unicodedata.normalize("NFC", text).casefold().split())
+
+
+def content_id(instruction: str) -> str:
+    """A stable id from the instruction's content: 16 hex digits of SHA-256."""
+    return hashlib.sha256(normalize(instruction).encode("utf-8")).hexdigest()[:16]
+
+
+def _seed_files(path: Path, fmt: str) -> list[tuple[Path, str]]:
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    out = []
+    for f in files:
+        kind = fmt
+        if kind == "auto":
+            suffix = f.suffix.lower()
+            kind = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}.get(suffix, "")
+        if kind:
+            out.append((f, kind))
+    if not out:
+        raise ValueError(f"no .jsonl or .parquet seed files in {path} (set seeds.format)")
+    return out
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, dict[str, Any] | None]]:
+    """Yield (source, row, reject) for each non-blank line; exactly one of row/reject is set."""
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            source = f"{path.name}:{lineno}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                shown = raw.decode("utf-8", errors="replace")
+                yield source, None, reject(
+                    "seed", "invalid_utf8", f"line is not valid UTF-8 ({exc.reason} at byte "
+                    f"{exc.start})", source=source, raw=shown
+                )
+                continue
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield source, None, reject(
+                    "seed", "invalid_json", f"line is not valid JSON: {exc.msg}", source=source,
+                    raw=text.strip()
+                )
+                continue
+            if not isinstance(row, dict):
+                yield source, None, reject(
+                    "seed", "not_an_object", f"line holds a JSON {type(row).__name__}, not an"
+                    " object", source=source, raw=text.strip()
+                )
+                continue
+            yield source, row, None
+
+
+def _parquet_rows(path: Path, cfg: SeedsConfig) -> Iterator[tuple[str, dict[str, Any], None]]:
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    if cfg.instruction_column not in names:
+        raise ValueError(
+            f"{path}: no column '{cfg.instruction_column}' (seeds.instruction_column); "
+            f"columns are {names}"
+        )
+    wanted = [c for c in (cfg.instruction_column, cfg.response_column, cfg.id_column) if c]
+    wanted = [c for c in dict.fromkeys(wanted) if c in names]
+    index = 0
+    for batch in pf.iter_batches(columns=wanted, batch_size=4096):
+        for row in batch.to_pylist():
+            index += 1
+            yield f"{path.name}:row{index}", row, None
+
+
+def _validate(
+    row: dict[str, Any], source: str, cfg: SeedsConfig
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    col = cfg.instruction_column
+    if col not in row:
+        return None, reject(
+            "seed", "missing_column", f"row has no '{col}' field (seeds.instruction_column); "
+            f"fields: {sorted(row)[:10]}", source=source, raw=json.dumps(row)[:1000]
+        )
+    instruction = row[col]
+    if not isinstance(instruction, str):
+        return None, reject(
+            "seed", "not_a_string", f"'{col}' is a {type(instruction).__name__}, not a string",
+            source=source, raw=repr(instruction)
+        )
+    instruction = instruction.strip()
+    if not instruction:
+        return None, reject("seed", "empty_instruction", f"'{col}' is empty", source=source)
+    if len(instruction) > cfg.max_instruction_chars:
+        return None, reject(
+            "seed", "instruction_too_long", f"instruction has {len(instruction)} characters; "
+            f"seeds.max_instruction_chars is {cfg.max_instruction_chars}", source=source,
+            raw=instruction
+        )
+    response = row.get(cfg.response_column) if cfg.response_column else None
+    if response is not None and (not isinstance(response, str) or not response.strip()):
+        response = None  # an unusable supplied answer: the teacher answers R0 instead
+    given_id = row.get(cfg.id_column) if cfg.id_column else None
+    seed_id = str(given_id) if given_id not in (None, "") else content_id(instruction)
+    return {
+        "seed_id": seed_id,
+        "source": source,
+        "instruction": instruction,
+        "response": response.strip() if response else None,
+    }, None
+
+
+def read_seeds(cfg: SeedsConfig) -> SeedReadResult:
+    """Read, validate and de-duplicate every seed row named by ``cfg``.
+
+    Raises ``ValueError`` for problems with a whole file (a Parquet file without the
+    instruction column); problems with single rows become rejects.
+    """
+    result = SeedReadResult()
+    seen_ids: dict[str, str] = {}
+    seen_text: dict[str, str] = {}
+    for path, kind in _seed_files(Path(cfg.path), cfg.format):
+        rows = _jsonl_rows(path) if kind == "jsonl" else _parquet_rows(path, cfg)
+        for source, row, bad in rows:
+            if cfg.limit is not None and result.rows_read >= cfg.limit:
+                return result
+            result.rows_read += 1
+            if bad is None:
+                assert row is not None  # noqa: S101 - _jsonl_rows yields one of the two
+                seed, bad = _validate(row, source, cfg)
+            if bad is not None:
+                result.rejects.append(bad)
+                continue
+            assert seed is not None  # noqa: S101
+            key = normalize(seed["instruction"])
+            if seed["seed_id"] in seen_ids:
+                result.rejects.append(reject(
+                    "seed", "duplicate_id", f"id already used by {seen_ids[seed['seed_id']]}",
+                    seed_id=seed["seed_id"], source=source, raw=seed["instruction"]
+                ))
+            elif key in seen_text:
+                result.rejects.append(reject(
+                    "seed", "duplicate_instruction", f"same instruction as {seen_text[key]}",
+                    seed_id=seed["seed_id"], source=source, raw=seed["instruction"]
+                ))
+            else:
+                seen_ids[seed["seed_id"]] = source
+                seen_text[key] = source
+                result.seeds.append(seed)
+    return result

