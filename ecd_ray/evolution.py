@@ -78,16 +78,19 @@ def _rng(global_seed: int, seed_id: str, level: int) -> random.Random:
 
 
 def pick_step(
-    operations: list[str], present: list[str], global_seed: int, seed_id: str, level: int
+    operations: list[str], present: list[str], global_seed: int, seed_id: str, level: int,
+    used: tuple[str, ...] = (),
 ) -> Step:
     """Choose the operation and its directive for ``level`` reproducibly.
 
-    ``add_requirement`` and ``change_format`` draw a requirement type compatible with the
-    ``present`` ones; when none is left the draw falls back to another operation.
+    Operations not ``used`` by earlier levels of the chain come first. ``add_requirement`` and
+    ``change_format`` draw a requirement type compatible with the ``present`` ones; when none
+    is left the draw falls back to another operation.
     """
     rng = _rng(global_seed, seed_id, level)
     ops = list(operations)
     rng.shuffle(ops)
+    ops.sort(key=lambda op: op in used)  # stable: keeps the shuffled order within each group
     for op in ops:
         if op in SOFT_DIRECTIVES:
             return Step(op, rng.choice(SOFT_DIRECTIVES[op]))
@@ -243,7 +246,7 @@ class ChainRunner:
 
     def _evolve(self, chains: list[Chain], level: int) -> None:
         steps = [pick_step(self.cfg.operations, c.requirement_ids, self.seed, c.seed["seed_id"],
-                           level) for c in chains]
+                           level, tuple(lvl["operation"] for lvl in c.levels)) for c in chains]
         prev = [c.levels[-1]["instruction"] for c in chains]
         if self.cfg.mode == "template":
             candidates = [f"{p.rstrip()} {s.directive}" for p, s in zip(prev, steps, strict=True)]

@@ -55,7 +55,15 @@ class ChainWorker:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         schema.missing_columns(batch, schema.SEEDS, "evolve+answer")
+        start = time.perf_counter()
         rows = self.runner.run(batch.select(schema.SEEDS.names).to_pylist())
+        elapsed = time.perf_counter() - start
+        tokens = sum(lvl["completion_tokens"] or 0 for r in rows for lvl in r["levels"])
+        levels = sum(r["num_levels"] for r in rows)
+        # Printed by the actor; Ray forwards it to the driver's console as progress.
+        print(f"[ecd-ray] chains done: {len(rows)} seeds, {levels} answered levels, "
+              f"{tokens} tokens in {elapsed:.1f} s ({tokens / max(elapsed, 1e-9):.0f} tok/s)",
+              flush=True)
         return pa.Table.from_pylist(rows, schema=schema.EVOLUTIONS)
 
 
@@ -162,8 +170,10 @@ def _run_chains(cfg: RunConfig, n_todo: int) -> None:
     if n_todo == 0:
         return
     t = cfg.teacher
+    # One block per staged file, so the pool's actors share the work batch by batch.
     ds = ray.data.read_parquet(
-        str(run_dir / "staged_seeds"), num_cpus=LIGHT_TASK_CPUS
+        str(run_dir / "staged_seeds"), num_cpus=LIGHT_TASK_CPUS,
+        override_num_blocks=len(list((run_dir / "staged_seeds").glob("*.parquet"))),
     )
     ds = ds.map_batches(
         ChainWorker,

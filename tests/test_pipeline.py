@@ -1,0 +1,120 @@
+"""The real Ray Data generation pipeline on CPU, with a tiny random model, through both engines.
+
+Each test starts a local Ray in-process (``generate`` shuts down only what it started).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow.dataset as pads
+import pytest
+
+from conftest import requires_vllm
+from ecd_ray.config import SAMPLE_SEEDS, load_config
+from ecd_ray.pipeline.generate import generate
+from test_seeds import GOOD, malformed_jsonl
+
+ROUNDS = 2
+
+
+def _run(tmp_path: Path, model: Path, name: str, seeds: Path, *extra: str) -> dict[str, Any]:
+    cfg = load_config(None, [
+        f"run_name={name}", f"output_dir={tmp_path}", f"seeds.path={seeds}",
+        f"teacher.model={model}", f"rounds={ROUNDS}", "teacher.max_new_tokens=12",
+        "teacher.min_new_tokens=4", "teacher.batch_size=4", "teacher.num_cpus=1",
+        "teacher.temperature=1.0", "ray.num_cpus=2", *extra,
+    ])
+    return generate(cfg)
+
+
+def _table(folder: Path) -> list[dict[str, Any]]:
+    return pads.dataset(folder, format="parquet").to_table().to_pylist() if folder.exists() else []
+
+
+def check_run(run_dir: Path, n_seeds: int) -> list[dict[str, Any]]:
+    """Assertions every run must satisfy; returns the pairs."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["accounting"]["ok"], manifest["accounting"]
+    chains = {c["seed_id"]: c for c in _table(run_dir / "evolutions")}
+    pairs = _table(run_dir / "pairs")
+    rejects = _table(run_dir / "rejects")
+    assert len(chains) == n_seeds
+    # Every level of every chain is answered; a full chain has rounds + 1 levels.
+    for chain in chains.values():
+        assert [lvl["level"] for lvl in chain["levels"]] == list(range(chain["num_levels"]))
+        assert all(lvl["response"] for lvl in chain["levels"])
+        if chain["stop_reason"] == "completed":
+            assert chain["num_levels"] == ROUNDS + 1
+    # The ECD pairing rule, checked against the chains the pairs came from.
+    for p in pairs:
+        levels = chains[p["seed_id"]]["levels"]
+        k = p["chosen_level"]
+        assert p["rejected_level"] == k - 1
+        assert p["prompt"] == [{"role": "user", "content": levels[k]["instruction"]}]
+        assert p["chosen"] == [{"role": "assistant", "content": levels[k]["response"]}]
+        assert p["rejected"] == [{"role": "assistant", "content": levels[k - 1]["response"]}]
+        assert p["chosen"][0]["content"] != p["rejected"][0]["content"]
+    expected_pairs = sum(c["num_levels"] - 1 for c in chains.values())
+    identical = sum(1 for r in rejects if r["reason"] == "identical_responses")
+    assert len(pairs) == expected_pairs - identical
+    # Every seed either produced pairs or is in rejects with a reason.
+    paired = {p["seed_id"] for p in pairs}
+    rejected = {r["seed_id"] for r in rejects if r["reason"]}
+    assert set(chains) <= paired | rejected
+    return pairs
+
+
+def test_transformers_pipeline_malformed_input_and_determinism(tmp_path: Path,
+                                                                tiny_model: Path) -> None:
+    seeds = tmp_path / "seeds.jsonl"
+    expected = malformed_jsonl(seeds)
+    extra = ["seeds.id_column=id", "teacher.engine=transformers"]
+    manifest = _run(tmp_path, tiny_model, "a", seeds, *extra)
+    run_dir = tmp_path / "a"
+    pairs = check_run(run_dir, len(GOOD))
+    seed_rejects = {r["source"]: r["reason"] for r in _table(run_dir / "rejects")
+                    if r["stage"] == "seed"}
+    assert seed_rejects == expected
+    assert manifest["counts"]["seed_rows_read"] == len(GOOD) + len(expected)
+    assert manifest["counts"]["pairs"] == len(pairs) > 0
+
+    # The pairs load with `datasets` in the conversational preference format.
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=str(run_dir / "pairs" / "*.parquet"),
+                               split="train")
+    assert ds.num_rows == len(pairs)
+    row = ds[0]
+    assert row["prompt"][0]["role"] == "user"
+    assert row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"
+
+    # Same config and seed, run again: identical pairs.
+    _run(tmp_path, tiny_model, "b", seeds, *extra)
+    again = _table(tmp_path / "b" / "pairs")
+    key = lambda p: p["pair_id"]  # noqa: E731
+    assert sorted(pairs, key=key) == sorted(again, key=key)
+
+
+@requires_vllm
+def test_vllm_pipeline_and_determinism(tmp_path: Path, tiny_model: Path) -> None:
+    extra = ["teacher.engine=vllm", "teacher.dtype=float32", "seeds.limit=6"]
+    _run(tmp_path, tiny_model, "a", SAMPLE_SEEDS, *extra)
+    pairs = check_run(tmp_path / "a", 6)
+    assert len(pairs) > 0
+    models = {p["chosen_model"] for p in pairs}
+    assert models == {str(tiny_model)}
+    _run(tmp_path, tiny_model, "b", SAMPLE_SEEDS, *extra)
+    again = _table(tmp_path / "b" / "pairs")
+    key = lambda p: p["pair_id"]  # noqa: E731
+    assert sorted(pairs, key=key) == sorted(again, key=key)
+
+
+def test_finished_run_is_not_overwritten(tmp_path: Path, tiny_model: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps({"status": "complete"}))
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        _run(tmp_path, tiny_model, "a", SAMPLE_SEEDS, "teacher.engine=transformers")
