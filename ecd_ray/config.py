@@ -239,7 +239,8 @@ def _check_paths(cfg: RunConfig) -> list[str]:
         )
     if cfg.evolution.mode == "teacher" and cfg.teacher.model == EMBEDDED_MODEL:
         problems.append(
-            "'evolution.mode': a 135M model cannot rewrite instructions; use evolution.mode=template"
+            "'evolution.mode': a 135M model cannot rewrite instructions; use "
+            "evolution.mode=template"
             " with the embedded model, or set teacher.model to a capable (7B+) model"
         )
     return problems

@@ -11,11 +11,11 @@ from typing import Any
 
 import pyarrow.dataset as pads
 import pytest
-
 from conftest import requires_vllm
+from test_seeds import GOOD, malformed_jsonl
+
 from ecd_ray.config import SAMPLE_SEEDS, load_config
 from ecd_ray.pipeline.generate import generate
-from test_seeds import GOOD, malformed_jsonl
 
 ROUNDS = 2
 
@@ -117,4 +117,35 @@ def test_finished_run_is_not_overwritten(tmp_path: Path, tiny_model: Path) -> No
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "manifest.json").write_text(json.dumps({"status": "complete"}))
     with pytest.raises(FileExistsError, match="overwrite=true"):
+        _run(tmp_path, tiny_model, "a", SAMPLE_SEEDS, "teacher.engine=transformers")
+
+
+def test_resume_redoes_only_the_lost_chains(tmp_path: Path, tiny_model: Path) -> None:
+    extra = ["teacher.engine=transformers", "seeds.limit=8"]
+    _run(tmp_path, tiny_model, "a", SAMPLE_SEEDS, *extra)
+    run_dir = tmp_path / "a"
+    full = _table(run_dir / "pairs")
+    shards = sorted((run_dir / "evolutions").glob("*.parquet"))
+    assert len(shards) >= 2  # batch_size=4: one shard per batch
+    # Simulate a crash while the last shard was being written, before the run finished.
+    lost = set(pads.dataset(shards[-1]).to_table(columns=["seed_id"])["seed_id"].to_pylist())
+    shards[-1].write_bytes(shards[-1].read_bytes()[:64])
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    (run_dir / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+
+    resumed = _run(tmp_path, tiny_model, "a", SAMPLE_SEEDS, *extra)
+    assert resumed["accounting"]["ok"] and resumed["accounting"]["duplicate_chains"] == 0
+    check_run(run_dir, 8)
+    kept = set(pads.dataset(shards[0]).to_table(columns=["seed_id"])["seed_id"].to_pylist())
+    assert kept.isdisjoint(lost)
+    key = lambda p: p["pair_id"]  # noqa: E731
+    assert sorted(_table(run_dir / "pairs"), key=key) == sorted(full, key=key)
+
+
+def test_resume_refuses_a_changed_config(tmp_path: Path, tiny_model: Path) -> None:
+    run_dir = tmp_path / "a"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text(json.dumps({"status": "running",
+                                                       "config_hash": "something-else"}))
+    with pytest.raises(FileExistsError, match="different config"):
         _run(tmp_path, tiny_model, "a", SAMPLE_SEEDS, "teacher.engine=transformers")

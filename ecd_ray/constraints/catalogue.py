@@ -28,7 +28,9 @@ class RequirementType:
     is_format: bool = False  # a candidate of the change_format operation
 
     def phrase(self, kwargs: Kwargs, rng: random.Random) -> str:
-        shown = {k: ", ".join(map(repr, v)) if isinstance(v, list) else v for k, v in kwargs.items()}
+        shown = {
+            k: ", ".join(map(repr, v)) if isinstance(v, list) else v for k, v in kwargs.items()
+        }
         return rng.choice(self.phrasings).format(**shown)
 
 

@@ -24,7 +24,7 @@ def vllm_installed() -> bool:
 
 
 def resolve_engine_name(name: str) -> str:
-    """``auto`` is ``vllm`` wherever vLLM is installed (about 6x faster on CPU), else transformers."""
+    """``auto`` is ``vllm`` wherever vLLM is installed (~6x faster on CPU), else transformers."""
     if name == "auto":
         return "vllm" if vllm_installed() else "transformers"
     if name == "vllm" and not vllm_installed():

@@ -17,6 +17,7 @@ and ``rejects/`` are always rebuilt from it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 # Fractional CPUs for the light read/pair/write tasks, so they never wait behind actors
 # that hold every CPU of a small node (a known Ray Data deadlock on small clusters).
 LIGHT_TASK_CPUS = 0.25
+STAGED_ROWS_PER_FILE = 10_000
 
 
 class ChainWorker:
@@ -130,11 +132,9 @@ def _stage_seeds(cfg: RunConfig, resume: bool) -> tuple[int, int, int]:
     todo = [s for s in result.seeds if s["seed_id"] not in done]
     staged = run_dir / "staged_seeds"
     shutil.rmtree(staged, ignore_errors=True)
-    # One file per actor batch: Ray Data then cuts the same batches every run, which keeps
-    # batched sampling reproducible.
-    size = cfg.teacher.batch_size
-    for i in range(0, len(todo), size):
-        _write_table(todo[i : i + size], schema.SEEDS, staged / f"seeds-{i // size:06d}.parquet")
+    for i in range(0, len(todo), STAGED_ROWS_PER_FILE):
+        _write_table(todo[i : i + STAGED_ROWS_PER_FILE], schema.SEEDS,
+                     staged / f"seeds-{i // STAGED_ROWS_PER_FILE:06d}.parquet")
     return result.rows_read, len(result.seeds), len(todo)
 
 
@@ -170,11 +170,11 @@ def _run_chains(cfg: RunConfig, n_todo: int) -> None:
     if n_todo == 0:
         return
     t = cfg.teacher
-    # One block per staged file, so the pool's actors share the work batch by batch.
-    ds = ray.data.read_parquet(
-        str(run_dir / "staged_seeds"), num_cpus=LIGHT_TASK_CPUS,
-        override_num_blocks=len(list((run_dir / "staged_seeds").glob("*.parquet"))),
-    )
+    # One block per actor batch: the pool's actors share the work batch by batch, each batch
+    # is written as its own shard (the unit of resumption), and the same seeds form the same
+    # batches in every run, which keeps batched sampling reproducible.
+    ds = ray.data.read_parquet(str(run_dir / "staged_seeds"), num_cpus=LIGHT_TASK_CPUS)
+    ds = ds.repartition(math.ceil(n_todo / t.batch_size))
     ds = ds.map_batches(
         ChainWorker,
         fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(),
