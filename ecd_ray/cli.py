@@ -1,4 +1,5 @@
-"""``ecd-ray``: generate (a config + dotted overrides) and run (the embedded demo)."""
+"""``ecd-ray``: generate (a config + dotted overrides), run (the embedded demo), evaluate and
+export-eval (instruction-following accuracy on IFEval-format prompts)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ecd_ray.config import PACKAGE_DIR, ConfigError, RunConfig, load_config
+from pydantic import ValidationError
+
+from ecd_ray.config import PACKAGE_DIR, ConfigError, EngineConfig, RunConfig, load_config
 
 DEMO_CONFIG = PACKAGE_DIR / "configs" / "demo.yaml"
 
@@ -35,7 +38,24 @@ def summary(manifest: dict[str, Any]) -> str:
         ("teacher completion tokens", c["completion_tokens"]),
         ("every seed accounted for", "yes" if a["ok"] else f"NO: {a}"),
     ]
-    return "ECD generation summary\n" + _table(rows)
+    text = "ECD generation summary\n" + _table(rows)
+    v = manifest.get("verification")
+    if v:
+        text += "\n\nVerification (pairs.policy=" + manifest["config"]["pairs"]["policy"] + ")\n"
+        text += _table([
+            ("pairs written (train + heldout)", f"{v['pairs']} ({c['heldout_pairs']} heldout)"),
+            ("verified hard negatives", f"{v['verified_hard_negatives']} "
+                                        f"({100 * v['verified_share']:.1f}%)"),
+            ("requirements the rejected side misses: pairs", v["rejected_missed_distribution"]),
+        ])
+        rates = v["teacher_pass_rate"]
+        if rates:
+            head = "teacher pass rate per requirement"
+            width = max(len(head), *(len(k) for k in rates))
+            text += f"\n\n  {head:<{width}}  {'n':>5}  strict  loose\n"
+            text += "\n".join(f"  {rid:<{width}}  {r['n']:>5}  {r['strict']:>6.1%}  "
+                               f"{r['loose']:>5.1%}" for rid, r in rates.items())
+    return text
 
 
 def _generate(cfg: RunConfig) -> int:
@@ -50,6 +70,48 @@ def _generate(cfg: RunConfig) -> int:
     return 0 if manifest["accounting"]["ok"] else 1
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from ecd_ray.evaluate import evaluate
+    from ecd_ray.evaluate.report import HEADLINE
+
+    if (args.model is None) == (args.responses is None):
+        print("error: give exactly one of --model (generate answers) or --responses (score "
+              "existing answers)", file=sys.stderr)
+        return 2
+    engine_cfg = None
+    if args.model is not None:
+        try:
+            engine_cfg = EngineConfig(engine=args.engine, model=args.model,
+                                      temperature=args.temperature,
+                                      max_new_tokens=args.max_new_tokens, num_cpus=2)
+        except ValidationError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    try:
+        result = evaluate(args.prompts, args.out, engine_cfg=engine_cfg,
+                          responses_path=args.responses)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(_table([(m.replace("_", " "), f"{result[m]:.1%}") for m in HEADLINE]
+                 + [("prompts / instructions", f"{result['prompts']} / {result['instructions']}"),
+                    ("report", result["files"]["markdown"]), ("chart", result["files"]["chart"])]))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ecd_ray.evaluate.export import export_eval
+
+    out = args.out or args.run / "eval_prompts.jsonl"
+    try:
+        n = export_eval(args.run, out, all_seeds=args.all_seeds)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {n} evaluation prompts to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ecd-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,9 +120,26 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rounds=4")
     run = sub.add_parser("run", help="the embedded demo: bundled seeds, SmolLM2, local Ray")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seeds.limit=20")
+    ev = sub.add_parser("evaluate", help="instruction-following accuracy (IFEval format)")
+    ev.add_argument("--prompts", type=Path, required=True, help="IFEval-format JSONL")
+    ev.add_argument("--model", default=None, help="model folder, or embedded:smollm2-135m-instruct")
+    ev.add_argument("--responses", type=Path, default=None,
+                    help="score these responses (JSONL: key or prompt, response) instead")
+    ev.add_argument("--out", type=Path, default=Path("out/eval"), help="report folder")
+    ev.add_argument("--engine", default="auto", choices=["auto", "transformers", "vllm"])
+    ev.add_argument("--max-new-tokens", type=int, default=384)
+    ev.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ex = sub.add_parser("export-eval", help="a run's held-out evolved prompts as IFEval JSONL")
+    ex.add_argument("--run", type=Path, required=True, help="run folder, e.g. out/demo")
+    ex.add_argument("--out", type=Path, default=None, help="default: RUN/eval_prompts.jsonl")
+    ex.add_argument("--all-seeds", action="store_true", help="not only the held-out seeds")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.command == "evaluate":
+        return _evaluate(args)
+    if args.command == "export-eval":
+        return _export(args)
     config_path = DEMO_CONFIG if args.command == "run" else args.config
     try:
         cfg = load_config(config_path, args.overrides)

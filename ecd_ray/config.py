@@ -67,6 +67,9 @@ class VLLMConfig(_Model):
     # CPU only: OpenMP cores to bind, e.g. "0-1"; "auto" binds all cores Ray gives the actor.
     cpu_threads_bind: str = "auto"
     tensor_parallel_size: int = Field(1, ge=1)
+    # Run vLLM's engine core in-process so its scheduling, and so its outputs, are
+    # reproducible (vLLM's documented recipe for offline runs). Costs some throughput.
+    deterministic: bool = False
 
 
 class EngineConfig(_Model):
@@ -119,6 +122,11 @@ class PairsConfig(_Model):
 
     # 1: only R(k-1) is the negative of Ik (ECD's hard negative); n: also R(k-2)..R(k-n).
     max_negative_gap: int = Field(1, ge=1)
+    # all: every pair; chosen_passes: the chosen answer meets every checkable requirement of
+    # its level; verified: that, and the rejected answer misses at least one of them.
+    policy: Literal["all", "chosen_passes", "verified"] = "chosen_passes"
+    # Seeds (by a stable hash) whose pairs go to heldout/ for evaluation, not to pairs/.
+    holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
 
 
 class RayConfig(_Model):

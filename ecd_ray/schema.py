@@ -46,6 +46,9 @@ LEVEL = pa.struct(
         ("prompt_tokens", pa.int32()),
         ("completion_tokens", pa.int32()),
         ("finish_reason", pa.string()),  # "stop", "length", or "seed"
+        # the verify stage: this level's answer against each of its requirements, in order
+        ("passes", pa.list_(pa.bool_())),
+        ("passes_loose", pa.list_(pa.bool_())),
     ]
 )
 
@@ -87,6 +90,13 @@ PAIRS = pa.schema(
         ("rejected_model", pa.string()),
         ("chosen_finish_reason", pa.string()),
         ("rejected_finish_reason", pa.string()),
+        # verification against the chosen level's requirements (aligned with `requirements`)
+        ("chosen_passes", pa.list_(pa.bool_())),
+        ("rejected_passes", pa.list_(pa.bool_())),
+        ("chosen_missed", pa.int32()),
+        ("rejected_missed", pa.int32()),
+        ("hard_negative_verified", pa.bool_()),
+        ("split", pa.string()),  # "train", or "heldout" for evaluation seeds
     ]
 )
 

@@ -12,6 +12,7 @@ from ecd_ray.constraints.catalogue import CATALOGUE, conflicts
 from ecd_ray.engines.base import ChatRequest, GenerationResult, Sampling
 from ecd_ray.evolution import ChainRunner, eliminate, pick_step
 from ecd_ray.pairs import build_pairs
+from ecd_ray.verify import annotate_levels
 
 OPS = list(EVOLUTION_OPERATIONS)
 
@@ -56,8 +57,8 @@ def _chain(responses: list[str]) -> dict:
     levels = [{"level": i, "instruction": f"I{i}", "operation": "seed" if i == 0 else "deepen",
                "requirements": [], "response": r, "model": "m", "finish_reason": "stop"}
               for i, r in enumerate(responses)]
-    return {"seed_id": "s", "source": "f:1", "levels": levels, "stop_reason": "completed",
-            "rejected_attempts": []}
+    return annotate_levels({"seed_id": "s", "source": "f:1", "levels": levels,
+                            "stop_reason": "completed", "rejected_attempts": []})
 
 
 def test_pairing_rule_hard_negative_is_the_previous_level() -> None:

@@ -40,8 +40,12 @@ def check_run(run_dir: Path, n_seeds: int) -> list[dict[str, Any]]:
     assert manifest["status"] == "complete"
     assert manifest["accounting"]["ok"], manifest["accounting"]
     chains = {c["seed_id"]: c for c in _table(run_dir / "evolutions")}
-    pairs = _table(run_dir / "pairs")
+    train, heldout = _table(run_dir / "pairs"), _table(run_dir / "heldout")
+    pairs = train + heldout
     rejects = _table(run_dir / "rejects")
+    assert {p["split"] for p in train} <= {"train"} and {p["split"] for p in heldout} <= {
+        "heldout"}
+    assert {p["seed_id"] for p in train}.isdisjoint(p["seed_id"] for p in heldout)
     assert len(chains) == n_seeds
     # Every level of every chain is answered; a full chain has rounds + 1 levels.
     for chain in chains.values():
@@ -58,14 +62,41 @@ def check_run(run_dir: Path, n_seeds: int) -> list[dict[str, Any]]:
         assert p["chosen"] == [{"role": "assistant", "content": levels[k]["response"]}]
         assert p["rejected"] == [{"role": "assistant", "content": levels[k - 1]["response"]}]
         assert p["chosen"][0]["content"] != p["rejected"][0]["content"]
+    # Every candidate pair is written or rejected with its reason.
     expected_pairs = sum(c["num_levels"] - 1 for c in chains.values())
-    identical = sum(1 for r in rejects if r["reason"] == "identical_responses")
-    assert len(pairs) == expected_pairs - identical
+    refused = sum(1 for r in rejects if r["reason"] in (
+        "identical_responses", "chosen_fails_requirements", "negative_not_verified"))
+    assert len(pairs) == expected_pairs - refused
+    for p in pairs:  # the pair policy held
+        policy = manifest["config"]["pairs"]["policy"]
+        assert policy == "all" or p["chosen_missed"] == 0
+        assert p["chosen_passes"] == chains[p["seed_id"]]["levels"][p["chosen_level"]]["passes"]
     # Every seed either produced pairs or is in rejects with a reason.
     paired = {p["seed_id"] for p in pairs}
     rejected = {r["seed_id"] for r in rejects if r["reason"]}
     assert set(chains) <= paired | rejected
     return pairs
+
+
+def check_export_and_evaluator_agree(run_dir: Path, manifest: dict[str, Any],
+                                     out: Path) -> None:
+    """The evaluator, scoring the teacher's own answers on the exported evolved prompts,
+    reproduces the verify stage's teacher pass rates: two code paths, one answer."""
+    from ecd_ray.evaluate.export import export_eval
+    from ecd_ray.evaluate.ifeval import read_prompts, score
+
+    n = export_eval(run_dir, out, all_seeds=True)
+    prompts = read_prompts(out)
+    assert len(prompts) == n > 0
+    levels = {f"{c['seed_id']}:{lvl['level']}": lvl
+              for c in _table(run_dir / "evolutions") for lvl in c["levels"]}
+    result = score(prompts, [levels[p.key]["response"] for p in prompts])
+    rates = manifest["verification"]["teacher_pass_rate"]
+    assert result["instructions"] == sum(r["n"] for r in rates.values())
+    for rid, r in rates.items():
+        assert result["per_type"][rid]["n"] == r["n"]
+        assert result["per_type"][rid]["strict"] == pytest.approx(r["strict"], abs=1e-3)
+        assert result["per_type"][rid]["loose"] == pytest.approx(r["loose"], abs=1e-3)
 
 
 def test_transformers_pipeline_malformed_input_and_determinism(tmp_path: Path,
@@ -80,35 +111,41 @@ def test_transformers_pipeline_malformed_input_and_determinism(tmp_path: Path,
                     if r["stage"] == "seed"}
     assert seed_rejects == expected
     assert manifest["counts"]["seed_rows_read"] == len(GOOD) + len(expected)
-    assert manifest["counts"]["pairs"] == len(pairs) > 0
+    c = manifest["counts"]
+    assert c["pairs"] + c["heldout_pairs"] == len(pairs) > 0
+    train = _table(run_dir / "pairs")
 
     # The pairs load with `datasets` in the conversational preference format.
     import datasets
 
     ds = datasets.load_dataset("parquet", data_files=str(run_dir / "pairs" / "*.parquet"),
                                split="train")
-    assert ds.num_rows == len(pairs)
+    assert ds.num_rows == len(train) == c["pairs"]
     row = ds[0]
     assert row["prompt"][0]["role"] == "user"
     assert row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"
 
+    check_export_and_evaluator_agree(run_dir, manifest, tmp_path / "eval.jsonl")
+
     # Same config and seed, run again: identical pairs.
     _run(tmp_path, tiny_model, "b", seeds, *extra)
-    again = _table(tmp_path / "b" / "pairs")
+    again = check_run(tmp_path / "b", len(GOOD))
     key = lambda p: p["pair_id"]  # noqa: E731
     assert sorted(pairs, key=key) == sorted(again, key=key)
 
 
 @requires_vllm
 def test_vllm_pipeline_and_determinism(tmp_path: Path, tiny_model: Path) -> None:
-    extra = ["teacher.engine=vllm", "teacher.dtype=float32", "seeds.limit=6"]
+    # vLLM reproduces outputs only with deterministic scheduling (its engine core in-process).
+    extra = ["teacher.engine=vllm", "teacher.dtype=float32", "seeds.limit=6",
+             "teacher.vllm.deterministic=true"]
     _run(tmp_path, tiny_model, "a", SAMPLE_SEEDS, *extra)
     pairs = check_run(tmp_path / "a", 6)
     assert len(pairs) > 0
     models = {p["chosen_model"] for p in pairs}
     assert models == {str(tiny_model)}
     _run(tmp_path, tiny_model, "b", SAMPLE_SEEDS, *extra)
-    again = _table(tmp_path / "b" / "pairs")
+    again = check_run(tmp_path / "b", 6)
     key = lambda p: p["pair_id"]  # noqa: E731
     assert sorted(pairs, key=key) == sorted(again, key=key)
 
@@ -124,7 +161,7 @@ def test_resume_redoes_only_the_lost_chains(tmp_path: Path, tiny_model: Path) ->
     extra = ["teacher.engine=transformers", "seeds.limit=8"]
     _run(tmp_path, tiny_model, "a", SAMPLE_SEEDS, *extra)
     run_dir = tmp_path / "a"
-    full = _table(run_dir / "pairs")
+    full = check_run(run_dir, 8)
     shards = sorted((run_dir / "evolutions").glob("*.parquet"))
     assert len(shards) >= 2  # batch_size=4: one shard per batch
     # Simulate a crash while the last shard was being written, before the run finished.
@@ -139,7 +176,7 @@ def test_resume_redoes_only_the_lost_chains(tmp_path: Path, tiny_model: Path) ->
     kept = set(pads.dataset(shards[0]).to_table(columns=["seed_id"])["seed_id"].to_pylist())
     assert kept.isdisjoint(lost)
     key = lambda p: p["pair_id"]  # noqa: E731
-    assert sorted(_table(run_dir / "pairs"), key=key) == sorted(full, key=key)
+    assert sorted(check_run(run_dir, 8), key=key) == sorted(full, key=key)
 
 
 def test_resume_refuses_a_changed_config(tmp_path: Path, tiny_model: Path) -> None:

@@ -50,6 +50,8 @@ class VLLMEngine:
         on_gpu = cuda_available()
         if not on_gpu:
             set_cpu_env(cfg, num_cpus, scratch)
+        if cfg.deterministic:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
         self.model_name = model_name or str(model_dir)

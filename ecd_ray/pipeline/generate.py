@@ -6,8 +6,10 @@ This is the one module that knows Ray. Evolution, pairing and engines are plain 
 Stage contracts:
 
 * ``ChainWorker`` (actor pool): needs ``schema.SEEDS`` columns; returns ``schema.EVOLUTIONS``.
-* ``pairs_batch`` / ``rejects_batch`` (tasks): need ``schema.EVOLUTIONS``; return
-  ``schema.PAIRS`` / ``schema.REJECTS``.
+* ``verify_batch`` (tasks): needs and returns ``schema.EVOLUTIONS``; adds each level's
+  pass/fail against its requirements.
+* ``pairs_batch`` / ``rejects_batch`` (tasks): need verified ``schema.EVOLUTIONS``; return
+  ``schema.PAIRS`` (train and heldout splits) / ``schema.REJECTS``.
 
 ``evolutions/`` is the expensive stage's output and the run's source of truth: a run that
 stops part-way resumes by skipping the seeds whose chains are already written, and ``pairs/``
@@ -28,12 +30,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ecd_ray import schema
-from ecd_ray.config import RunConfig
+from ecd_ray.config import PairsConfig, RunConfig
 from ecd_ray.engines import Sampling, build_engine
 from ecd_ray.evolution import ChainRunner
-from ecd_ray.pairs import build_pairs, chain_rejects
+from ecd_ray.pairs import build_pairs, is_heldout
 from ecd_ray.pipeline import manifest as mf
 from ecd_ray.seeds import read_seeds
+from ecd_ray.verify import annotate_levels
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +72,34 @@ class ChainWorker:
         return pa.Table.from_pylist(rows, schema=schema.EVOLUTIONS)
 
 
-def pairs_batch(batch: pa.Table, max_negative_gap: int) -> pa.Table:
-    """ECD pairs of a batch of chains."""
-    schema.missing_columns(batch, schema.EVOLUTIONS, "pair")
-    rows = [p for chain in batch.to_pylist() for p in build_pairs(chain, max_negative_gap)[0]]
+def verify_batch(batch: pa.Table) -> pa.Table:
+    """The verify stage: every level's answer against every requirement in force there."""
+    schema.missing_columns(batch, schema.EVOLUTIONS, "verify")
+    rows = [annotate_levels(chain) for chain in batch.to_pylist()]
+    return pa.Table.from_pylist(rows, schema=schema.EVOLUTIONS)
+
+
+def _chain_pairs(batch: pa.Table, pairs: PairsConfig, seed: int, stage: str
+                 ) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+    schema.missing_columns(batch, schema.EVOLUTIONS, stage)
+    out = []
+    for chain in batch.to_pylist():
+        split = "heldout" if is_heldout(chain["seed_id"], pairs.holdout_fraction, seed) \
+            else "train"
+        out.append(build_pairs(chain, pairs.max_negative_gap, pairs.policy, split))
+    return out
+
+
+def pairs_batch(batch: pa.Table, pairs: PairsConfig, seed: int) -> pa.Table:
+    """ECD pairs of a batch of verified chains, with their split."""
+    rows = [p for kept, _ in _chain_pairs(batch, pairs, seed, "pair") for p in kept]
     return pa.Table.from_pylist(rows, schema=schema.PAIRS)
 
 
-def rejects_batch(batch: pa.Table, max_negative_gap: int) -> pa.Table:
-    """Rejects of a batch of chains: failed evolutions/answers, identical answers, no pairs."""
-    schema.missing_columns(batch, schema.EVOLUTIONS, "rejects")
-    rows = [r for chain in batch.to_pylist() for r in build_pairs(chain, max_negative_gap)[1]]
+def rejects_batch(batch: pa.Table, pairs: PairsConfig, seed: int) -> pa.Table:
+    """Rejects of a batch of chains: failed evolutions/answers, pairs the policy refused,
+    identical answers, pairless seeds."""
+    rows = [r for _, rejected in _chain_pairs(batch, pairs, seed, "rejects") for r in rejected]
     return pa.Table.from_pylist(rows, schema=schema.REJECTS)
 
 
@@ -146,13 +166,14 @@ def _init_ray(cfg: RunConfig) -> bool:
         return False
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address)
         return True
     # Logical CPUs: at least enough for the actor pool plus headroom for read/write tasks.
     needed = int(cfg.teacher.replicas * cfg.teacher.num_cpus + 1)
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, needed)
     store = cfg.ray.object_store_memory_gib
     ray.init(
+        address="local",  # never attach to another Ray instance on this machine
         num_cpus=num_cpus,
         include_dashboard=False,
         object_store_memory=int(store * 2**30) if store else None,
@@ -185,6 +206,7 @@ def _run_chains(cfg: RunConfig, n_todo: int) -> None:
         num_cpus=t.num_cpus,
         num_gpus=t.num_gpus or None,
     )
+    ds = ds.map_batches(verify_batch, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
     ds.write_parquet(str(run_dir / "evolutions"), ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
 
 
@@ -192,19 +214,20 @@ def _derive_pairs_and_rejects(cfg: RunConfig) -> None:
     import ray
 
     run_dir = cfg.run_dir.resolve()
-    for name in ("pairs", "chain_rejects"):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-    args = {"max_negative_gap": cfg.pairs.max_negative_gap}
-    evolutions = ray.data.read_parquet(
-        str(run_dir / "evolutions"), num_cpus=LIGHT_TASK_CPUS
-    )
-    for fn, out in ((pairs_batch, "pairs"), (rejects_batch, "rejects")):
-        ds = evolutions.map_batches(
-            fn, fn_kwargs=args, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS
-        )
-        target = run_dir / out if out == "pairs" else run_dir / "rejects" / "chains"
+    for target in (run_dir / "pairs", run_dir / "heldout", run_dir / "rejects" / "chains"):
         shutil.rmtree(target, ignore_errors=True)
-        ds.write_parquet(str(target), ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
+    args = {"pairs": cfg.pairs, "seed": cfg.seed}
+    write_args = {"ray_remote_args": {"num_cpus": LIGHT_TASK_CPUS}}
+    evolutions = ray.data.read_parquet(str(run_dir / "evolutions"), num_cpus=LIGHT_TASK_CPUS)
+    pairs = evolutions.map_batches(
+        pairs_batch, fn_kwargs=args, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS
+    ).materialize()
+    for split, folder in (("train", "pairs"), ("heldout", "heldout")):
+        pairs.filter(expr=f"split == '{split}'").write_parquet(str(run_dir / folder),
+                                                               **write_args)
+    evolutions.map_batches(
+        rejects_batch, fn_kwargs=args, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS
+    ).write_parquet(str(run_dir / "rejects" / "chains"), **write_args)
 
 
 def generate(cfg: RunConfig) -> dict[str, Any]:
@@ -229,4 +252,4 @@ def generate(cfg: RunConfig) -> dict[str, Any]:
     return manifest
 
 
-__all__ = ["ChainWorker", "chain_rejects", "generate", "pairs_batch", "rejects_batch"]
+__all__ = ["ChainWorker", "generate", "pairs_batch", "rejects_batch", "verify_batch"]

@@ -85,7 +85,7 @@ def _column(folder: Path, name: str) -> list[Any]:
 
 def _shard_list(run_dir: Path) -> list[dict[str, Any]]:
     out = []
-    for folder in ("evolutions", "pairs", "rejects"):
+    for folder in ("evolutions", "pairs", "heldout", "rejects"):
         for path in shards(run_dir / folder):
             out.append({
                 "path": str(path.relative_to(run_dir)),
@@ -98,7 +98,7 @@ def _shard_list(run_dir: Path) -> list[dict[str, Any]]:
 def accounting(run_dir: Path, n_valid: int) -> dict[str, Any]:
     """Check that every valid seed has a chain, and every chain either pairs or a reject."""
     chain_ids = _column(run_dir / "evolutions", "seed_id")
-    paired = set(_column(run_dir / "pairs", "seed_id"))
+    paired = set(_column(run_dir / "pairs", "seed_id") + _column(run_dir / "heldout", "seed_id"))
     rejected = set(_column(run_dir / "rejects", "seed_id"))
     unaccounted = sorted(set(chain_ids) - paired - rejected)
     return {
@@ -109,6 +109,39 @@ def accounting(run_dir: Path, n_valid: int) -> dict[str, Any]:
         "missing_chains": n_valid - len(set(chain_ids)),
         "unaccounted_seed_ids": unaccounted[:50],
         "ok": not unaccounted and len(set(chain_ids)) == n_valid == len(chain_ids),
+    }
+
+
+def teacher_pass_rates(run_dir: Path) -> dict[str, dict[str, float]]:
+    """Per requirement type: how often the teacher's answers meet it (strict and loose), over
+    every (answered level, requirement in force at that level)."""
+    tally: dict[str, list[int]] = {}
+    for chain in _column(run_dir / "evolutions", "levels"):
+        for lvl in chain:
+            for req, strict, loose in zip(lvl["requirements"], lvl["passes"] or [],
+                                          lvl["passes_loose"] or [], strict=False):
+                n = tally.setdefault(req["id"], [0, 0, 0])
+                n[0] += 1
+                n[1] += bool(strict)
+                n[2] += bool(loose)
+    return {rid: {"n": n, "strict": round(s / n, 3), "loose": round(lo / n, 3)}
+            for rid, (n, s, lo) in sorted(tally.items())}
+
+
+def verification(run_dir: Path) -> dict[str, Any]:
+    """Hardness of the written pairs (train and heldout): verified share, misses per pair."""
+    verified = _column(run_dir / "pairs", "hard_negative_verified") + _column(
+        run_dir / "heldout", "hard_negative_verified")
+    missed = _column(run_dir / "pairs", "rejected_missed") + _column(
+        run_dir / "heldout", "rejected_missed")
+    with_reqs = [len(r) for r in _column(run_dir / "pairs", "requirements")]
+    return {
+        "pairs": len(verified),
+        "verified_hard_negatives": sum(verified),
+        "verified_share": round(sum(verified) / len(verified), 3) if verified else 0.0,
+        "pairs_with_checkable_requirements": sum(1 for n in with_reqs if n),
+        "rejected_missed_distribution": dict(sorted(Counter(missed).items())),
+        "teacher_pass_rate": teacher_pass_rates(run_dir),
     }
 
 
@@ -128,6 +161,7 @@ def finish(cfg: RunConfig, *, rows_read: int, n_valid: int, started: float) -> d
         "answered_levels_per_chain": dict(sorted(Counter(levels).items())),
         "pairs": len(pair_levels),
         "pairs_per_chosen_level": dict(sorted(Counter(pair_levels).items())),
+        "heldout_pairs": len(_column(run_dir / "heldout", "pair_id")),
         "rejects": dict(Counter(f"{stage}:{reason}" for stage, reason in rejects)),
         "completion_tokens": sum(
             lvl["completion_tokens"] or 0
@@ -139,5 +173,6 @@ def finish(cfg: RunConfig, *, rows_read: int, n_valid: int, started: float) -> d
     acct["ok"] = acct["ok"] and rows_read == n_valid + counts["seeds_rejected"]
     return write(cfg, status="complete", extra={
         "started": started, "elapsed_s": round(elapsed, 1), "counts": counts,
-        "accounting": acct, "shards": _shard_list(run_dir),
+        "accounting": acct, "verification": verification(run_dir),
+        "shards": _shard_list(run_dir),
     })

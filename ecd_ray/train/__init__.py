@@ -1,0 +1,1 @@
+"""Preference-optimisation training on Ray Train: losses and trainer pieces."""

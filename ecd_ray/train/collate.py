@@ -1,0 +1,258 @@
+"""Tokenise PAIRS rows with the model's chat template and collate them into one DPO batch.
+
+Each pair becomes two token sequences that share a prompt: ``prompt + chosen`` and
+``prompt + rejected``. The prompt is the chat template applied to the user turn(s) with the
+generation prompt (``<|im_start|>assistant\\n`` for SmolLM2); the response is everything the
+template renders after it, up to and including the end-of-turn token (``<|im_end|>``), so the
+model is trained to stop. Whitespace the template puts after the end-of-turn token is dropped.
+
+:func:`collate_pairs` stacks chosen rows (``0..B-1``) above rejected rows (``B..2B-1``) so that
+one forward pass scores both; :func:`concatenated_logprobs` runs that pass. :func:`bucket_batches`
+groups pairs of similar length to cut padding.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ecd_ray.train.losses import sequence_logprobs
+
+Messages = Sequence[Mapping[str, str]]
+
+# Special tokens that close a chat turn in common templates (besides the tokenizer's eos).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+@dataclass(frozen=True)
+class CollateConfig:
+    """Token budgets. The prompt is cut to ``max_prompt_tokens`` on the ``truncation`` side
+    (``keep_end`` keeps its last tokens, as TRL does); the response is then cut at its end so
+    that prompt + response fits ``max_length``."""
+
+    max_prompt_tokens: int = 512
+    max_length: int = 1024
+    truncation: Literal["keep_end", "keep_start"] = "keep_end"
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        if self.max_prompt_tokens >= self.max_length:
+            raise ValueError(
+                f"max_prompt_tokens ({self.max_prompt_tokens}) must be < max_length "
+                f"({self.max_length}) to leave room for the response: lower max_prompt_tokens "
+                "or raise max_length"
+            )
+        if self.truncation not in ("keep_end", "keep_start"):
+            raise ValueError(
+                f"truncation must be 'keep_end' or 'keep_start', got {self.truncation!r}"
+            )
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """One preference pair as token ids. ``*_mask`` is 1 on response tokens (including the
+    end-of-turn token) and 0 on the prompt; it is aligned with ``*_ids`` (not yet shifted)."""
+
+    chosen_ids: list[int]
+    chosen_mask: list[int]
+    rejected_ids: list[int]
+    rejected_mask: list[int]
+    prompt_len: int
+    prompt_truncated: bool = False
+    response_truncated: bool = False
+    template_fallback: bool = False  # the template broke the prompt-prefix property
+
+    @property
+    def length(self) -> int:
+        """The longer of the two sequences (what the pair costs in a padded batch)."""
+        return max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+@dataclass(frozen=True)
+class _Response:
+    ids: list[int]
+    fallback: bool
+
+
+def _render(tokenizer: Any, messages: Messages, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        [dict(m) for m in messages], tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    # the rendered template already holds its special tokens (bos included where it has one)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def end_of_turn_ids(tokenizer: Any) -> set[int]:
+    """Ids that close an assistant turn: the tokenizer's eos plus known end-of-turn specials."""
+    added = tokenizer.get_added_vocab()
+    ids = {added[name] for name in END_OF_TURN_TOKENS if name in added}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _trim_after_end_of_turn(tokenizer: Any, ids: list[int], eot: set[int]) -> list[int]:
+    """Drop whitespace after the last end-of-turn token; append eos if the template adds none."""
+    last = max((i for i, t in enumerate(ids) if t in eot), default=None)
+    if last is None:
+        return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    if tokenizer.decode(ids[last + 1 :]).strip() == "":
+        return ids[: last + 1]
+    return ids
+
+
+def _fallback_response(
+    tokenizer: Any, response: Messages, full_text: str, eot: set[int]
+) -> list[int]:
+    """Response ids tokenised on their own, followed by what the template renders after the
+    last response message (its end-of-turn tokens), or the eos if that cannot be found."""
+    content = "".join(m["content"] for m in response)
+    at = full_text.rfind(response[-1]["content"]) if response[-1]["content"] else -1
+    suffix = full_text[at + len(response[-1]["content"]) :] if at >= 0 else ""
+    suffix_ids = _encode(tokenizer, suffix) if suffix else []
+    return _trim_after_end_of_turn(tokenizer, _encode(tokenizer, content) + suffix_ids, eot)
+
+
+def _response_ids(
+    tokenizer: Any, prompt: Messages, prompt_ids: list[int], response: Messages, eot: set[int]
+) -> _Response:
+    full_text = _render(tokenizer, [*prompt, *response], generation_prompt=False)
+    full_ids = _encode(tokenizer, full_text)
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        tail = _trim_after_end_of_turn(tokenizer, full_ids[len(prompt_ids) :], eot)
+        return _Response(tail, fallback=False)
+    return _Response(_fallback_response(tokenizer, response, full_text, eot), fallback=True)
+
+
+def _truncate_prompt(ids: list[int], cfg: CollateConfig) -> tuple[list[int], bool]:
+    if len(ids) <= cfg.max_prompt_tokens:
+        return ids, False
+    keep = cfg.max_prompt_tokens
+    return (ids[-keep:] if cfg.truncation == "keep_end" else ids[:keep]), True
+
+
+def _join(
+    prompt_ids: list[int], response_ids: list[int], max_length: int
+) -> tuple[list[int], list[int], bool]:
+    """``(ids, mask, truncated)`` for prompt + response, the response cut to fit max_length."""
+    room = max_length - len(prompt_ids)
+    kept = response_ids[:room]
+    ids = prompt_ids + kept
+    return ids, [0] * len(prompt_ids) + [1] * len(kept), len(kept) < len(response_ids)
+
+
+def tokenize_pair(
+    tokenizer: Any,
+    prompt_messages: Messages,
+    chosen_messages: Messages,
+    rejected_messages: Messages,
+    cfg: CollateConfig | None = None,
+) -> TokenizedPair:
+    """Tokenise one pair with the tokenizer's chat template (see the module docstring)."""
+    cfg = cfg or CollateConfig()
+    if not chosen_messages or not rejected_messages:
+        raise ValueError("chosen and rejected must each hold at least one message")
+    eot = end_of_turn_ids(tokenizer)
+    full_prompt = _encode(tokenizer, _render(tokenizer, prompt_messages, generation_prompt=True))
+    chosen = _response_ids(tokenizer, prompt_messages, full_prompt, chosen_messages, eot)
+    rejected = _response_ids(tokenizer, prompt_messages, full_prompt, rejected_messages, eot)
+    prompt_ids, prompt_cut = _truncate_prompt(full_prompt, cfg)
+    c_ids, c_mask, c_cut = _join(prompt_ids, chosen.ids, cfg.max_length)
+    r_ids, r_mask, r_cut = _join(prompt_ids, rejected.ids, cfg.max_length)
+    return TokenizedPair(
+        chosen_ids=c_ids,
+        chosen_mask=c_mask,
+        rejected_ids=r_ids,
+        rejected_mask=r_mask,
+        prompt_len=len(prompt_ids),
+        prompt_truncated=prompt_cut,
+        response_truncated=c_cut or r_cut,
+        template_fallback=chosen.fallback or rejected.fallback,
+    )
+
+
+def tokenize_table_rows(
+    tokenizer: Any, rows: Iterable[Mapping[str, Any]], cfg: CollateConfig | None = None
+) -> list[TokenizedPair]:
+    """:func:`tokenize_pair` over PAIRS rows (dicts with ``prompt``, ``chosen``, ``rejected``)."""
+    return [
+        tokenize_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"], cfg)
+        for row in rows
+    ]
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, else its eos id (padding is masked, so its value is irrelevant)."""
+    for pad in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if pad is not None:
+            return int(pad)
+    raise ValueError("the tokenizer has neither a pad nor an eos token; pass pad_id explicitly")
+
+
+def _pad(rows: list[list[int]], value: int, width: int) -> Tensor:
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, Tensor]:
+    """One right-padded batch of ``2B`` rows: chosen rows ``0..B-1``, rejected rows ``B..2B-1``.
+
+    Returns ``input_ids`` and ``attention_mask`` ``[2B, T]``; ``labels = input_ids[:, 1:]`` and
+    ``loss_mask`` ``[2B, T-1]``, already shifted so that the caller pairs them with
+    ``logits[:, :-1]`` (position t of ``labels`` is predicted by logits at t); ``num_tokens``
+    ``[2B]``, the response tokens counted per row. Padding has zero attention and loss mask.
+    """
+    if not pairs:
+        raise ValueError("collate_pairs needs at least one pair")
+    ids = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    masks = [p.chosen_mask for p in pairs] + [p.rejected_mask for p in pairs]
+    width = max(len(r) for r in ids)
+    input_ids = _pad(ids, pad_id, width)
+    attention_mask = _pad([[1] * len(r) for r in ids], 0, width)
+    loss_mask = _pad(masks, 0, width)[:, 1:]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": input_ids[:, 1:],
+        "loss_mask": loss_mask,
+        "num_tokens": loss_mask.sum(-1),
+    }
+
+
+def concatenated_logprobs(
+    model: torch.nn.Module, batch: Mapping[str, Tensor]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One forward pass of a causal LM over a :func:`collate_pairs` batch (already on the
+    model's device); returns ``(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens)``,
+    each ``[B]``, the log-probs summed over response tokens."""
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    )
+    logps, tokens = sequence_logprobs(out.logits[:, :-1], batch["labels"], batch["loss_mask"])
+    b = logps.shape[0] // 2
+    return logps[:b], logps[b:], tokens[:b], tokens[b:]
+
+
+def bucket_batches(
+    lengths: Sequence[int], batch_size: int, *, window: int = 50, seed: int = 0
+) -> list[list[int]]:
+    """Length-bucketed batches of indices: each run of ``window * batch_size`` consecutive items
+    is sorted by length and cut into batches of ``batch_size`` (the very last may be smaller);
+    the batch order is then shuffled with ``random.Random(seed)``. Deterministic per seed."""
+    if batch_size < 1 or window < 1:
+        raise ValueError(f"batch_size and window must be >= 1, got {batch_size}, {window}")
+    span = window * batch_size
+    batches: list[list[int]] = []
+    for start in range(0, len(lengths), span):
+        chunk = sorted(range(start, min(start + span, len(lengths))), key=lambda i: lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    random.Random(seed).shuffle(batches)
+    return batches

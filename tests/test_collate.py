@@ -1,0 +1,251 @@
+"""Chat-template tokenisation, truncation, the concatenated DPO batch and length bucketing."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from ecd_ray.train.collate import (
+    CollateConfig,
+    bucket_batches,
+    collate_pairs,
+    concatenated_logprobs,
+    pad_token_id,
+    tokenize_pair,
+    tokenize_table_rows,
+)
+from ecd_ray.train.losses import sequence_logprobs
+
+PROMPT = [{"role": "user", "content": "Write a haiku about rivers. Use no commas."}]
+HAIKU = "Water finds its way\nstones remember every flood\nthe sea waits below"
+CHOSEN = [{"role": "assistant", "content": HAIKU}]
+REJECTED = [{"role": "assistant", "content": "Rivers, flowing, rivers."}]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def _masked_text(tok, ids: list[int], mask: list[int]) -> str:
+    return tok.decode([t for t, m in zip(ids, mask, strict=True) if m])
+
+
+def _prompt_ids(tok, prompt) -> list[int]:
+    text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _row(prompt: str, chosen: str, rejected: str) -> dict:
+    return {
+        "prompt": [{"role": "user", "content": prompt}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_rejects_prompt_budget_not_below_max_length():
+    with pytest.raises(ValueError, match="max_prompt_tokens"):
+        CollateConfig(max_prompt_tokens=64, max_length=64)
+    with pytest.raises(ValueError, match="truncation"):
+        CollateConfig(truncation="middle")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- tokenisation and loss mask
+
+
+def test_mask_covers_exactly_the_response_and_end_of_turn(tok):
+    pair = tokenize_pair(tok, PROMPT, CHOSEN, REJECTED, CollateConfig())
+    assert not (pair.prompt_truncated or pair.response_truncated or pair.template_fallback)
+    for ids, mask, msg in (
+        (pair.chosen_ids, pair.chosen_mask, CHOSEN),
+        (pair.rejected_ids, pair.rejected_mask, REJECTED),
+    ):
+        assert len(ids) == len(mask)
+        assert _masked_text(tok, ids, mask) == msg[0]["content"] + "<|im_end|>"
+        assert ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")  # trailing "\n" dropped
+        # the prompt (with the generation header) is an unmasked prefix
+        prompt_ids = _prompt_ids(tok, PROMPT)
+        assert ids[: len(prompt_ids)] == prompt_ids
+        assert not any(mask[: len(prompt_ids)])
+        assert all(mask[len(prompt_ids) :])
+        assert pair.prompt_len == len(prompt_ids)
+        assert tok.decode(ids[: pair.prompt_len]).endswith("<|im_start|>assistant\n")
+
+
+def test_template_that_breaks_the_prefix_falls_back(tok):
+    # "assistant\n" + "\n\nx" tokenises "\n\n\n" as one token, so the prompt is no prefix
+    odd = [{"role": "assistant", "content": "\n\nx"}]
+    pair = tokenize_pair(tok, PROMPT, odd, REJECTED, CollateConfig())
+    assert pair.template_fallback
+    assert pair.chosen_ids[: pair.prompt_len] == _prompt_ids(tok, PROMPT)
+    assert _masked_text(tok, pair.chosen_ids, pair.chosen_mask) == "\n\nx<|im_end|>"
+    assert _masked_text(tok, pair.rejected_ids, pair.rejected_mask) == (
+        REJECTED[0]["content"] + "<|im_end|>"
+    )
+
+
+def test_empty_response_still_learns_to_stop(tok):
+    empty = [{"role": "assistant", "content": ""}]
+    pair = tokenize_pair(tok, PROMPT, CHOSEN, empty, CollateConfig())
+    assert _masked_text(tok, pair.rejected_ids, pair.rejected_mask) == "<|im_end|>"
+
+
+def test_tokenize_table_rows(tok):
+    rows = [_row("a?", "yes", "no"), _row("b?", "sure", "nope")]
+    pairs = tokenize_table_rows(tok, rows, CollateConfig())
+    assert [_masked_text(tok, p.chosen_ids, p.chosen_mask) for p in pairs] == [
+        "yes<|im_end|>",
+        "sure<|im_end|>",
+    ]
+
+
+# ---------------------------------------------------------------- truncation
+
+
+@pytest.mark.parametrize("side", ["keep_end", "keep_start"])
+def test_long_prompt_is_cut_per_policy(tok, side):
+    prompt = [{"role": "user", "content": " ".join(f"w{i}" for i in range(300))}]
+    cfg = CollateConfig(max_prompt_tokens=32, max_length=64, truncation=side)
+    full = _prompt_ids(tok, prompt)
+    pair = tokenize_pair(tok, prompt, CHOSEN, REJECTED, cfg)
+    assert pair.prompt_truncated and pair.prompt_len == 32
+    kept = full[-32:] if side == "keep_end" else full[:32]
+    assert pair.chosen_ids[:32] == kept and pair.rejected_ids[:32] == kept
+    head = tok.decode(pair.chosen_ids[:32])
+    if side == "keep_end":
+        assert head.endswith("<|im_start|>assistant\n")
+    else:
+        assert head.startswith("<|im_start|>system")
+    assert len(pair.chosen_ids) <= 64 and len(pair.rejected_ids) <= 64
+
+
+def test_long_response_is_cut_at_its_end(tok):
+    long = [{"role": "assistant", "content": " ".join(f"r{i}" for i in range(200))}]
+    cfg = CollateConfig(max_prompt_tokens=48, max_length=80)
+    pair = tokenize_pair(tok, PROMPT, long, REJECTED, cfg)
+    assert pair.response_truncated and not pair.prompt_truncated
+    assert len(pair.chosen_ids) == 80 == len(pair.chosen_mask)
+    assert sum(pair.chosen_mask) == 80 - pair.prompt_len
+    text = _masked_text(tok, pair.chosen_ids, pair.chosen_mask)
+    assert long[0]["content"].startswith(text) and "<|im_end|>" not in text
+    # the short rejected response is untouched
+    assert _masked_text(tok, pair.rejected_ids, pair.rejected_mask).endswith("<|im_end|>")
+
+
+def test_lengths_never_exceed_max_length(tok):
+    rng = random.Random(0)
+    cfg = CollateConfig(max_prompt_tokens=24, max_length=40)
+
+    def words(n: int) -> str:
+        return " ".join("x" * rng.randint(1, 6) for _ in range(n))
+
+    for _ in range(20):
+        pair = tokenize_pair(
+            tok,
+            [{"role": "user", "content": words(rng.randint(1, 60))}],
+            [{"role": "assistant", "content": words(rng.randint(0, 60))}],
+            [{"role": "assistant", "content": words(rng.randint(0, 60))}],
+            cfg,
+        )
+        assert pair.prompt_len <= 24
+        assert max(len(pair.chosen_ids), len(pair.rejected_ids)) <= 40
+
+
+# ---------------------------------------------------------------- collate
+
+
+def _pairs(tok) -> list:
+    rows = [
+        _row("Name a colour.", "Blue.", "I cannot answer that question, sorry about it."),
+        _row("Count to five in words, lowercase.", "one two three four five", "1 2 3 4 5"),
+        _row("Say hi.", "hi", "Hello there! How may I help you today?"),
+    ]
+    return tokenize_table_rows(tok, rows, CollateConfig())
+
+
+def test_collate_layout(tok):
+    pairs = _pairs(tok)
+    pad = pad_token_id(tok)
+    batch = collate_pairs(pairs, pad)
+    rows = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    masks = [p.chosen_mask for p in pairs] + [p.rejected_mask for p in pairs]
+    width = max(map(len, rows))
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (6, width)
+    assert batch["labels"].shape == batch["loss_mask"].shape == (6, width - 1)
+    assert torch.equal(batch["labels"], batch["input_ids"][:, 1:])
+    for i, (ids, mask) in enumerate(zip(rows, masks, strict=True)):
+        n = len(ids)
+        assert batch["input_ids"][i, :n].tolist() == ids  # chosen rows first, then rejected
+        assert (batch["input_ids"][i, n:] == pad).all()
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (width - n)
+        assert batch["loss_mask"][i].tolist() == mask[1:] + [0] * (width - n)
+        assert not batch["loss_mask"][i, n - 1 :].any()  # padding is never counted
+        assert batch["num_tokens"][i] == sum(mask)
+
+
+def test_concatenated_logprobs_match_separate_unpadded_passes(tok, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    pairs = _pairs(tok)
+    batch = collate_pairs(pairs, pad_token_id(tok))
+    with torch.no_grad():
+        got = concatenated_logprobs(model, batch)
+
+        def single(ids: list[int], mask: list[int]) -> tuple[float, int]:
+            x = torch.tensor([ids])
+            logits = model(input_ids=x, use_cache=False).logits
+            lp, n = sequence_logprobs(logits[:, :-1], x[:, 1:], torch.tensor([mask[1:]]))
+            return lp.item(), n.item()
+
+        chosen = [single(p.chosen_ids, p.chosen_mask) for p in pairs]
+        rejected = [single(p.rejected_ids, p.rejected_mask) for p in pairs]
+    for out, ref in zip(got, ([c[0] for c in chosen], [r[0] for r in rejected],
+                              [c[1] for c in chosen], [r[1] for r in rejected]), strict=True):
+        assert out.shape == (3,)
+        torch.testing.assert_close(out.to(torch.float64), torch.tensor(ref, dtype=torch.float64),
+                                   atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- bucketing
+
+
+def _waste(batches: list[list[int]], lengths: list[int]) -> int:
+    return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+
+def test_bucket_batches_cover_every_index_once_deterministically():
+    rng = random.Random(1)
+    lengths = [rng.randint(10, 1000) for _ in range(1003)]
+    batches = bucket_batches(lengths, 8, window=10, seed=3)
+    assert sorted(i for b in batches for i in b) == list(range(1003))
+    assert sorted(len(b) for b in batches)[0] == 1003 % 8 and sum(len(b) < 8 for b in batches) == 1
+    assert batches == bucket_batches(lengths, 8, window=10, seed=3)
+    assert batches != bucket_batches(lengths, 8, window=10, seed=4)
+    assert bucket_batches([], 4) == []
+
+
+def test_bucket_batches_are_length_homogeneous_within_a_window():
+    rng = random.Random(2)
+    lengths = [rng.randint(10, 1000) for _ in range(800)]
+    window, size = 10, 8
+    batches = bucket_batches(lengths, size, window=window, seed=0)
+    for b in batches:  # a batch never straddles two windows and is sorted inside its window
+        assert len({i // (window * size) for i in b}) == 1
+        assert [lengths[i] for i in b] == sorted(lengths[i] for i in b)
+    plain = [list(range(i, min(i + size, 800))) for i in range(0, 800, size)]
+    assert _waste(batches, lengths) < 0.25 * _waste(plain, lengths)
+
+
+def test_bucket_batches_rejects_bad_sizes():
+    with pytest.raises(ValueError):
+        bucket_batches([1, 2], 0)
