@@ -11,7 +11,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ecd_ray.config import PACKAGE_DIR, ConfigError, EngineConfig, RunConfig, load_config
+from ecd_ray.config import (
+    PACKAGE_DIR,
+    ConfigError,
+    EngineConfig,
+    RunConfig,
+    load_config,
+    load_train_config,
+)
 
 DEMO_CONFIG = PACKAGE_DIR / "configs" / "demo.yaml"
 
@@ -99,6 +106,32 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from ecd_ray.train.trainer import train
+
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        s = train(cfg)
+    except (FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("Training summary\n" + _table([
+        ("model (HF folder)", s["model"]), ("pairs", s["pairs"]),
+        ("optimizer steps", f"{s['steps']} / {s['planned_steps']}"),
+        ("loss first -> last step", f"{s['first_loss']:.4f} -> {s['final_loss']:.4f}"),
+        ("reward accuracy (last step)", f"{s['final_reward_accuracy']:.1%}"),
+        ("step time (mean)", f"{s['mean_step_time_s']:.2f} s"),
+        ("tokens/s (mean, all workers)", f"{s['mean_tokens_per_s']:.0f}"),
+        ("peak memory per worker", f"{s['peak_rss_gib_per_worker']:.2f} GiB"),
+        ("elapsed", f"{s['elapsed_s']} s"),
+    ]))
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from ecd_ray.evaluate.export import export_eval
 
@@ -120,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rounds=4")
     run = sub.add_parser("run", help="the embedded demo: bundled seeds, SmolLM2, local Ray")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seeds.limit=20")
+    tr = sub.add_parser("train", help="DPO/IPO/SLiC/SFT on Ray Train with DeepSpeed ZeRO")
+    tr.add_argument("--config", type=Path, help="YAML train config (defaults when omitted)")
+    tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. max_steps=20")
     ev = sub.add_parser("evaluate", help="instruction-following accuracy (IFEval format)")
     ev.add_argument("--prompts", type=Path, required=True, help="IFEval-format JSONL")
     ev.add_argument("--model", default=None, help="model folder, or embedded:smollm2-135m-instruct")
@@ -140,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         return _evaluate(args)
     if args.command == "export-eval":
         return _export(args)
+    if args.command == "train":
+        return _train(args)
     config_path = DEMO_CONFIG if args.command == "run" else args.config
     try:
         cfg = load_config(config_path, args.overrides)

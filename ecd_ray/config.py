@@ -163,6 +163,72 @@ class RunConfig(_Model):
         return name
 
 
+class TrainConfig(_Model):
+    """Preference training on Ray Train (TorchTrainer) with DeepSpeed ZeRO or plain DDP."""
+
+    run_name: str = "dpo"
+    output_dir: str = "out"
+    pairs: str = "out/demo/pairs"  # a folder of PAIRS Parquet shards (pairs/ of a run)
+    model: str = EMBEDDED_MODEL  # the policy's start and the reference model
+    seed: int = 0
+    overwrite: bool = False
+    # loss
+    loss: Literal["dpo", "ipo", "slic", "sft", "dpo_nll"] = "dpo"
+    beta: float = Field(0.1, gt=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # conservative DPO
+    nll_weight: float = Field(1.0, ge=0.0)  # dpo_nll
+    slic_delta: float = Field(1.0, gt=0.0)
+    slic_reg_weight: float = Field(0.0, ge=0.0)
+    reference: Literal["precomputed", "resident"] = "precomputed"
+    # optimisation
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(5e-7, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    clip_grad: float | None = Field(1.0, gt=0.0)
+    micro_batch_size: int = Field(2, ge=1, description="pairs per micro-batch per worker")
+    grad_accum: int = Field(4, ge=1)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; caps epochs")
+    # data
+    max_prompt_tokens: int = Field(512, ge=1)
+    max_length: int = Field(1024, ge=2)
+    truncation: Literal["keep_end", "keep_start"] = "keep_end"
+    bucket_window: int = Field(50, ge=1)
+    # distribution
+    strategy: Literal["deepspeed", "ddp"] = "deepspeed"
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    use_gpu: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    param_persistence_threshold: int = Field(100_000, ge=0)  # ZeRO-3: small params stay whole
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
+    deepspeed_config: str | None = None  # a JSON file merged over the generated config
+    # checkpoints and logs
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps")
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(1, ge=0)
+    resume_from: str | None = None  # a checkpoint folder (default: the run's latest)
+    tensorboard: bool = False
+    ray: RayConfig = RayConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    @field_validator("max_length")
+    @classmethod
+    def _room_for_response(cls, value: int, info: Any) -> int:
+        prompt = info.data.get("max_prompt_tokens")
+        if prompt is not None and prompt >= value:
+            raise ValueError(f"must exceed max_prompt_tokens ({prompt}) to leave room for the "
+                             "response: raise max_length or lower max_prompt_tokens")
+        return value
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -229,6 +295,22 @@ def _describe(err: dict[str, Any], root: type[BaseModel]) -> str:
     return f"'{key}': {err['msg']} (got {shown})"
 
 
+def _check_train_paths(cfg: TrainConfig) -> list[str]:
+    problems = []
+    if not Path(cfg.pairs).is_dir() or not any(Path(cfg.pairs).rglob("*.parquet")):
+        problems.append(f"'pairs': no Parquet pairs in {cfg.pairs} (run ecd-ray generate first,"
+                        " or point pairs at a run's pairs/ folder)")
+    if cfg.model != EMBEDDED_MODEL and not Path(cfg.model).is_dir():
+        problems.append(f"'model': {cfg.model!r} is neither '{EMBEDDED_MODEL}' nor a local "
+                        "model folder")
+    if cfg.deepspeed_config is not None and not Path(cfg.deepspeed_config).is_file():
+        problems.append(f"'deepspeed_config': file not found: {cfg.deepspeed_config}")
+    if cfg.strategy == "ddp" and (cfg.offload_optimizer or cfg.offload_params):
+        problems.append("'offload_optimizer'/'offload_params' need strategy=deepspeed; set "
+                        "strategy=deepspeed or turn offloading off")
+    return problems
+
+
 def _check_paths(cfg: RunConfig) -> list[str]:
     problems = []
     seeds = Path(cfg.seeds.path)
@@ -254,12 +336,25 @@ def _check_paths(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) -> RunConfig:
-    """Load a :class:`RunConfig` from a YAML file (or the defaults) plus dotted overrides.
+def load_train_config(path: str | os.PathLike[str] | None,
+                      overrides: list[str] = ()) -> TrainConfig:
+    """Load a :class:`TrainConfig` like :func:`load_config` loads a :class:`RunConfig`."""
+    data, problems = _read_yaml(path, overrides, relative_keys=("pairs", "deepspeed_config"))
+    try:
+        cfg = TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        problems += [_describe(e, TrainConfig) for e in exc.errors()]
+        raise ConfigError(problems) from None
+    problems += _check_train_paths(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
 
-    Raises :class:`ConfigError` listing every problem found.
-    """
-    problems: list[str] = []
+
+def _read_yaml(path: str | os.PathLike[str] | None, overrides: list[str],
+               relative_keys: tuple[str, ...]) -> tuple[dict[str, Any], list[str]]:
+    """The merged config tree of a YAML file and overrides; paths in the file are made
+    relative to the file. Raises ConfigError for an unreadable file."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -274,13 +369,23 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) 
         if not isinstance(loaded, dict):
             raise ConfigError([f"{p} must hold a mapping at the top level"])
         data = loaded
-        # Relative paths in a config file are relative to the file, not to the working dir.
-        seeds = data.get("seeds")
-        if isinstance(seeds, dict) and isinstance(seeds.get("path"), str):
-            seeds["path"] = str((p.parent / seeds["path"]).resolve())
-    tree, override_problems = parse_overrides(list(overrides))
-    problems += override_problems
-    data = _deep_merge(data, tree)
+        for dotted in relative_keys:
+            node = data
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and isinstance(node.get(leaf), str):
+                node[leaf] = str((p.parent / node[leaf]).resolve())
+    tree, problems = parse_overrides(list(overrides))
+    return _deep_merge(data, tree), problems
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) -> RunConfig:
+    """Load a :class:`RunConfig` from a YAML file (or the defaults) plus dotted overrides.
+
+    Raises :class:`ConfigError` listing every problem found.
+    """
+    data, problems = _read_yaml(path, overrides, relative_keys=("seeds.path",))
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as exc:
