@@ -21,6 +21,7 @@ from ecd_ray.config import (
 )
 
 DEMO_CONFIG = PACKAGE_DIR / "configs" / "demo.yaml"
+DEMO_TRAIN_CONFIG = PACKAGE_DIR / "configs" / "demo_train.yaml"
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
@@ -106,6 +107,77 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    """generate -> reference log-probs -> train -> evaluate base and trained; each step reuses
+    a finished earlier result of the same config, so a stopped demo continues where it was."""
+    from ecd_ray.pipeline import manifest as mf
+
+    gen_over = [o for o in args.overrides if not o.startswith("train.")]
+    train_over = [o[len("train."):] for o in args.overrides if o.startswith("train.")]
+    try:
+        cfg = load_config(DEMO_CONFIG, gen_over)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    old = mf.read(cfg.run_dir)
+    if old and old.get("status") == "complete" and old.get("config_hash") == mf.config_hash(cfg):
+        print(f"reusing the finished generation run in {cfg.run_dir}")
+        print(summary(old))
+    elif (rc := _generate(cfg)) != 0:
+        return rc
+    if args.no_train:
+        return 0
+    try:
+        tcfg = load_train_config(DEMO_TRAIN_CONFIG, [
+            f"pairs={cfg.run_dir.resolve() / 'pairs'}", f"output_dir={cfg.output_dir}",
+            f"run_name={cfg.run_name}-dpo", *train_over])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return _train_and_compare(cfg, tcfg)
+
+
+def _train_and_compare(cfg: RunConfig, tcfg: Any) -> int:
+    import json
+
+    from ecd_ray.evaluate import evaluate
+    from ecd_ray.evaluate.export import export_eval
+    from ecd_ray.evaluate.report import HEADLINE, bar_chart
+    from ecd_ray.train.trainer import train
+
+    done = tcfg.run_dir / "train_summary.json"
+    s = json.loads(done.read_text()) if done.exists() else train(tcfg)
+    print(_train_table(s))
+    prompts = cfg.run_dir / "eval_prompts.jsonl"
+    export_eval(cfg.run_dir, prompts)
+    results = {}
+    for name, model in (("base", cfg.teacher.model), ("trained", s["model"])):
+        engine = EngineConfig(engine="auto", model=model, temperature=0.0, max_new_tokens=384,
+                              num_cpus=2)
+        results[name] = evaluate(prompts, cfg.run_dir / f"eval_{name}", engine_cfg=engine,
+                                 title=name)
+    chart = cfg.run_dir / "eval_base_vs_trained.png"
+    bar_chart(results, chart)
+    b, t = results["base"], results["trained"]
+    print(f"Instruction-following accuracy on {b['prompts']} held-out evolved prompts\n"
+          + _table([(m.replace("_", " "), f"base {b[m]:.1%}   trained {t[m]:.1%}")
+                    for m in HEADLINE] + [("chart", chart)]))
+    return 0
+
+
+def _train_table(s: dict[str, Any]) -> str:
+    return "Training summary\n" + _table([
+        ("model (HF folder)", s["model"]), ("pairs", s["pairs"]),
+        ("optimizer steps", f"{s['steps']} / {s['planned_steps']}"),
+        ("loss first -> last step", f"{s['first_loss']:.4f} -> {s['final_loss']:.4f}"),
+        ("reward accuracy (last step)", f"{s['final_reward_accuracy']:.1%}"),
+        ("step time (mean)", f"{s['mean_step_time_s']:.2f} s"),
+        ("tokens/s (mean, all workers)", f"{s['mean_tokens_per_s']:.0f}"),
+        ("peak memory per worker", f"{s['peak_rss_gib_per_worker']:.2f} GiB"),
+        ("elapsed", f"{s['elapsed_s']} s"),
+    ])
+
+
 def _train(args: argparse.Namespace) -> int:
     from ecd_ray.train.trainer import train
 
@@ -119,16 +191,7 @@ def _train(args: argparse.Namespace) -> int:
     except (FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print("Training summary\n" + _table([
-        ("model (HF folder)", s["model"]), ("pairs", s["pairs"]),
-        ("optimizer steps", f"{s['steps']} / {s['planned_steps']}"),
-        ("loss first -> last step", f"{s['first_loss']:.4f} -> {s['final_loss']:.4f}"),
-        ("reward accuracy (last step)", f"{s['final_reward_accuracy']:.1%}"),
-        ("step time (mean)", f"{s['mean_step_time_s']:.2f} s"),
-        ("tokens/s (mean, all workers)", f"{s['mean_tokens_per_s']:.0f}"),
-        ("peak memory per worker", f"{s['peak_rss_gib_per_worker']:.2f} GiB"),
-        ("elapsed", f"{s['elapsed_s']} s"),
-    ]))
+    print(_train_table(s))
     return 0
 
 
@@ -151,8 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     gen = sub.add_parser("generate", help="evolve seeds and write ECD preference pairs")
     gen.add_argument("--config", type=Path, help="YAML config (defaults apply when omitted)")
     gen.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rounds=4")
-    run = sub.add_parser("run", help="the embedded demo: bundled seeds, SmolLM2, local Ray")
-    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seeds.limit=20")
+    run = sub.add_parser("run", help="the embedded demo: generate, train, evaluate (local Ray)")
+    run.add_argument("overrides", nargs="*",
+                     help="dotted overrides, e.g. seeds.limit=20; train.* go to training "
+                          "(train.max_steps=3)")
+    run.add_argument("--no-train", action="store_true", help="generate only")
     tr = sub.add_parser("train", help="DPO/IPO/SLiC/SFT on Ray Train with DeepSpeed ZeRO")
     tr.add_argument("--config", type=Path, help="YAML train config (defaults when omitted)")
     tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. max_steps=20")
@@ -178,9 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         return _export(args)
     if args.command == "train":
         return _train(args)
-    config_path = DEMO_CONFIG if args.command == "run" else args.config
+    if args.command == "run":
+        return _demo(args)
     try:
-        cfg = load_config(config_path, args.overrides)
+        cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -192,6 +192,7 @@ class TrainConfig(_Model):
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; caps epochs")
     # data
+    max_pairs: int | None = Field(None, ge=1, description="use only the first N pairs")
     max_prompt_tokens: int = Field(512, ge=1)
     max_length: int = Field(1024, ge=2)
     truncation: Literal["keep_end", "keep_start"] = "keep_end"

@@ -65,16 +65,21 @@ class ReferenceWorker:
 
 
 def add_reference_logprobs(pairs_dir: Path, out_dir: Path, model_dir: Path,
-                           collate: CollateConfig, *, replicas: int = 1) -> int:
-    """The reference stage: read PAIRS shards, write them back with the two ref columns."""
+                           collate: CollateConfig, *, limit: int | None = None,
+                           replicas: int = 1, cpus: int = 1) -> int:
+    """The reference stage: read PAIRS shards (the first ``limit``), write them back with the
+    two ref columns. Each of the ``replicas`` actors uses ``cpus`` cores."""
     import ray
 
     ds = ray.data.read_parquet(str(pairs_dir), num_cpus=0.25)
+    if limit is not None:
+        ds = ds.limit(limit)
     ds = ds.map_batches(
         ReferenceWorker,
-        fn_constructor_kwargs={"model_dir": str(model_dir), "collate": collate.__dict__},
+        fn_constructor_kwargs={"model_dir": str(model_dir), "collate": collate.__dict__,
+                               "threads": cpus},
         batch_size=32, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=replicas), num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=replicas), num_cpus=cpus,
     )
     ds.write_parquet(str(out_dir), ray_remote_args={"num_cpus": 0.25})
     return sum(1 for _ in out_dir.glob("*.parquet"))

@@ -267,7 +267,10 @@ def _reference_stage(cfg: TrainConfig, model_dir: Path) -> Path:
     if not done.exists():
         shutil.rmtree(out, ignore_errors=True)
         t = time.time()
-        add_reference_logprobs(Path(cfg.pairs).resolve(), out, model_dir, collate_config(cfg))
+        # The training workers are idle during this stage: the reference uses their CPUs.
+        add_reference_logprobs(Path(cfg.pairs).resolve(), out, model_dir, collate_config(cfg),
+                               limit=cfg.max_pairs,
+                               cpus=max(1, int(cfg.num_workers * cfg.cpus_per_worker)))
         done.write_text(json.dumps({"seconds": round(time.time() - t, 1),
                                     "model": str(model_dir)}))
         log.info("reference log-probs written to %s in %.0f s", out, time.time() - t)
@@ -310,6 +313,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         source = _reference_stage(cfg, model_dir) if cfg.reference == "precomputed" else \
             Path(cfg.pairs).resolve()
         ds = ray.data.read_parquet(str(source), num_cpus=0.25)
+        if cfg.max_pairs is not None:
+            ds = ds.limit(cfg.max_pairs)
         n_pairs = ds.count()
         steps_per_epoch, total_steps = plan_steps(cfg, n_pairs)
         resume = cfg.resume_from or latest_checkpoint(run_dir)

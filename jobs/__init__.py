@@ -1,0 +1,1 @@
+"""Entrypoints for `ray job submit` (each file's docstring shows its commands)."""

@@ -1,0 +1,196 @@
+"""Training: DeepSpeed config, accumulation invariance, reference log-probs, and ZeRO-3 on 2 CPU
+workers in Ray Train (learning, checkpoints, restart and resume at the right step)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ecd_ray.config import ConfigError, TrainConfig, load_train_config
+from ecd_ray.schema import PAIRS
+from ecd_ray.train.collate import collate_pairs, concatenated_logprobs, tokenize_table_rows
+from ecd_ray.train.policy import deepspeed_config
+from ecd_ray.train.trainer import FAIL_AT_STEP_ENV, collate_config, plan_steps, train
+
+WORDS = ["river", "castle", "apple", "window", "forest", "music", "garden", "winter"]
+
+
+def separable_pairs(path: Path, n: int = 64) -> Path:
+    """Preference pairs a tiny model can learn: chosen always 'yes ...', rejected 'no ...'."""
+    rows = []
+    for i in range(n):
+        w = WORDS[i % len(WORDS)]
+        rows.append({
+            "pair_id": f"p{i}", "seed_id": f"s{i}", "strategy": "test",
+            "prompt": [{"role": "user", "content": f"Tell me about the {w} number {i}."}],
+            "chosen": [{"role": "assistant", "content": "yes yes yes yes"}],
+            "rejected": [{"role": "assistant", "content": f"no {w} no {w}"}],
+        })
+    path.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=PAIRS), path / "pairs.parquet")
+    return path
+
+
+def _cfg(tmp_path: Path, model: Path, pairs: Path, *extra: str) -> TrainConfig:
+    return load_train_config(None, [
+        f"output_dir={tmp_path}", f"pairs={pairs}", f"model={model}", "num_workers=2",
+        "micro_batch_size=2", "grad_accum=2", "lr=0.002", "beta=0.5", "max_length=64",
+        "max_prompt_tokens=48", "param_persistence_threshold=0", "schedule=constant",
+        "ray.num_cpus=4", *extra])
+
+
+def test_deepspeed_config_is_generated_from_the_project_config(tmp_path: Path) -> None:
+    cfg = TrainConfig(zero_stage=3, offload_optimizer=True, grad_accum=8, micro_batch_size=1,
+                      clip_grad=0.5, warmup_steps=3, schedule="cosine", lr=1e-5)
+    ds = deepspeed_config(cfg, total_steps=100, on_gpu=False)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert ds["gradient_accumulation_steps"] == 8 and ds["train_micro_batch_size_per_gpu"] == 1
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["params"] == {"lr": 1e-5, "weight_decay": 0.0, "torch_adam": True}
+    assert ds["scheduler"]["type"] == "WarmupCosineLR"
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 3
+    override = tmp_path / "ds.json"
+    override.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+    ds = deepspeed_config(cfg.model_copy(update={"deepspeed_config": str(override)}), 100, False)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"]
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"  # merged, not replaced
+
+
+def test_train_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_train_config(None, [f"pairs={tmp_path}", "los=dpo", "max_length=10",
+                                 "max_prompt_tokens=20"])
+    text = str(info.value)
+    assert "did you mean 'loss'" in text and "max_length" in text
+
+
+def test_plan_steps_refuses_too_few_pairs() -> None:
+    cfg = TrainConfig(num_workers=2, micro_batch_size=4, grad_accum=4)
+    assert plan_steps(cfg, 100) == (3, 3)
+    with pytest.raises(ValueError, match="too few"):
+        plan_steps(cfg, 20)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_accumulation_invariance_1x8_vs_8x1(tmp_path: Path, tiny_model: Path) -> None:
+    """One global batch of 8 pairs as 1 micro-batch x 8 accumulation steps and as 8 x 1 gives
+    the same updated weights (fp32, SGD, DeepSpeed ZeRO-3 on one CPU rank: the real path)."""
+    from transformers import AutoTokenizer
+
+    from ecd_ray.train.policy import Policy
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+                       "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                       "DS_ACCELERATOR": "cpu"})
+    rows = pq.read_table(separable_pairs(tmp_path / "pairs", 8) / "pairs.parquet").to_pylist()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    base = TrainConfig(model=str(tiny_model), optimizer="sgd", lr=0.5, schedule="constant",
+                       clip_grad=None, loss="sft", max_length=64, max_prompt_tokens=48,
+                       param_persistence_threshold=0)
+    weights = []
+    for micro, accum in ((8, 1), (1, 8)):
+        cfg = base.model_copy(update={"micro_batch_size": micro, "grad_accum": accum})
+        policy = Policy(cfg, tiny_model, total_steps=1)
+        pairs = tokenize_table_rows(tok, rows, collate_config(cfg))
+        for start in range(0, 8, micro):
+            policy.forward_backward(collate_pairs(pairs[start : start + micro], 2), None)
+        out = tmp_path / f"w{micro}x{accum}"
+        policy.export(out, rank=0)
+        weights.append(_load(out))
+    assert weights[0].keys() == weights[1].keys()
+    init = _load(tiny_model)
+    moved = max((weights[0][k] - init[k]).abs().max().item() for k in init)
+    assert moved > 1e-4  # the step did change the weights
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=0, atol=2e-6)
+
+
+def _load(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_precomputed_reference_logprobs_equal_on_the_fly(tmp_path: Path,
+                                                          tiny_model: Path) -> None:
+    import ray
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ecd_ray.train.collate import CollateConfig
+    from ecd_ray.train.reference import add_reference_logprobs
+
+    pairs = separable_pairs(tmp_path / "pairs", 12)
+    cfg = CollateConfig(max_prompt_tokens=48, max_length=64)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        add_reference_logprobs(pairs, tmp_path / "ref", tiny_model, cfg)
+    finally:
+        ray.shutdown()
+    stored = pa.concat_tables(pq.read_table(p) for p in sorted((tmp_path / "ref").glob("*.parquet")))
+    rows = stored.to_pylist()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        c, r, _, _ = concatenated_logprobs(model, collate_pairs(tokenize_table_rows(tok, rows, cfg),
+                                                                2))
+    torch.testing.assert_close(torch.tensor([x["ref_chosen_logp"] for x in rows]), c.double(),
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.tensor([x["ref_rejected_logp"] for x in rows]), r.double(),
+                               rtol=0, atol=1e-5)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_zero3_two_workers_learns_checkpoints_and_resumes(tmp_path: Path, tiny_model: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    pairs = separable_pairs(tmp_path / "pairs", 64)  # 64 pairs / 2 workers / (2x2) = 8 steps
+    # Run A: crashes once at step 5; Ray Train restarts it from the step-4 checkpoint.
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "5")
+    a = train(_cfg(tmp_path, tiny_model, pairs, "run_name=a", "checkpoint_every=2",
+                   "max_failures=1"))
+    run_a = tmp_path / "a"
+    steps = [m["step"] for m in _metrics(run_a)]
+    assert steps == [1, 2, 3, 4, 5, 5, 6, 7, 8]  # step 5 ran, crashed, and ran again
+    assert a["steps"] == 8
+    first, last = _metrics(run_a)[0], _metrics(run_a)[-1]
+    assert last["loss"] < first["loss"] - 0.1
+    assert last["rewards/accuracy"] > first["rewards/accuracy"]
+    assert sorted(p.name for p in (run_a / "ray" / "attempt-0").glob("step_*"))[-1] == \
+        "step_000008"
+    # The exported model is a plain HF folder that transformers loads.
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(run_a / "model")
+    init = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert any(not torch.equal(p, q) for p, q in zip(trained.parameters(), init.parameters(),
+                                                     strict=True))
+
+    # Run B: killed for good at step 5 (no retries); a new `train` resumes from step 4 and
+    # replays exactly what run A did after its restart: same data, same state.
+    with pytest.raises(Exception, match="injected failure"):
+        train(_cfg(tmp_path, tiny_model, pairs, "run_name=b", "checkpoint_every=2",
+                   "max_failures=0"))
+    monkeypatch.delenv(FAIL_AT_STEP_ENV)
+    b = train(_cfg(tmp_path, tiny_model, pairs, "run_name=b", "checkpoint_every=2"))
+    assert b["resumed_from"].endswith("step_000004")
+    resumed = _metrics(tmp_path / "b")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
+    for ma, mb in zip(_metrics(run_a)[-4:], resumed[-4:], strict=True):
+        assert ma["step"] == mb["step"]
+        assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-5)
