@@ -1,4 +1,4 @@
-"""The CPU demo as a Ray job: generate ECD pairs from the bundled seeds with SmolLM2, train, evaluate.
+"""The CPU demo as a Ray job: ECD pairs from the bundled seeds with SmolLM2, training, evaluation.
 
 Run it in-process (starts a local Ray):
 

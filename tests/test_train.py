@@ -140,17 +140,18 @@ def test_precomputed_reference_logprobs_equal_on_the_fly(tmp_path: Path,
         add_reference_logprobs(pairs, tmp_path / "ref", tiny_model, cfg)
     finally:
         ray.shutdown()
-    stored = pa.concat_tables(pq.read_table(p) for p in sorted((tmp_path / "ref").glob("*.parquet")))
+    shards = sorted((tmp_path / "ref").glob("*.parquet"))
+    stored = pa.concat_tables(pq.read_table(p) for p in shards)
     rows = stored.to_pylist()
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     with torch.no_grad():
         c, r, _, _ = concatenated_logprobs(model, collate_pairs(tokenize_table_rows(tok, rows, cfg),
                                                                 2))
-    torch.testing.assert_close(torch.tensor([x["ref_chosen_logp"] for x in rows]), c.double(),
-                               rtol=0, atol=1e-5)
-    torch.testing.assert_close(torch.tensor([x["ref_rejected_logp"] for x in rows]), r.double(),
-                               rtol=0, atol=1e-5)
+    ref_c = torch.tensor([x["ref_chosen_logp"] for x in rows], dtype=torch.float64)
+    torch.testing.assert_close(ref_c, c.double(), rtol=0, atol=1e-5)
+    ref_r = torch.tensor([x["ref_rejected_logp"] for x in rows], dtype=torch.float64)
+    torch.testing.assert_close(ref_r, r.double(), rtol=0, atol=1e-5)
 
 
 def _metrics(run_dir: Path) -> list[dict]:

@@ -77,6 +77,8 @@ def deepspeed_config(cfg: TrainConfig, total_steps: int, on_gpu: bool) -> dict[s
         "scheduler": schedulers[cfg.schedule],
         "bf16": {"enabled": torch_dtype(cfg, on_gpu) == torch.bfloat16},
     }
+    if cfg.optimizer == "sgd" and cfg.zero_stage > 0:
+        config["zero_allow_untested_optimizer"] = True  # DeepSpeed vets only Adam-family
     if cfg.clip_grad is not None:
         config["gradient_clipping"] = cfg.clip_grad
     if cfg.deepspeed_config:
