@@ -222,6 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     tr = sub.add_parser("train", help="DPO/IPO/SLiC/SFT on Ray Train with DeepSpeed ZeRO")
     tr.add_argument("--config", type=Path, help="YAML train config (defaults when omitted)")
     tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. max_steps=20")
+    pl = sub.add_parser("plan", help="will a config fit its GPUs? (weights, KV cache, ZeRO)")
+    pl.add_argument("--config", type=Path, help="generation YAML (a training YAML works too)")
+    pl.add_argument("--train-config", type=Path, default=None)
+    pl.add_argument("--gpu", default="h100-80gb",
+                    help="h100-80gb, h200-141gb, a100-80gb, a100-40gb, l40s-48gb, l4-24gb, "
+                         "a10g-24gb or NAME:GIB")
+    pl.add_argument("--teacher-spec", default=None,
+                    help="a known model name or a config.json / model folder")
+    pl.add_argument("--student-spec", default=None)
+    pl.add_argument("overrides", nargs="*", help="dotted overrides; train.* go to training")
     ev = sub.add_parser("evaluate", help="instruction-following accuracy (IFEval format)")
     ev.add_argument("--prompts", type=Path, required=True, help="IFEval-format JSONL")
     ev.add_argument("--model", default=None, help="model folder, or embedded:smollm2-135m-instruct")
@@ -244,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         return _export(args)
     if args.command == "train":
         return _train(args)
+    if args.command == "plan":
+        from ecd_ray.plan import main_plan
+
+        return main_plan(args.config, args.overrides, args.gpu, args.teacher_spec,
+                         args.student_spec, train_config=args.train_config)
     if args.command == "run":
         return _demo(args)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,10 +73,36 @@ class VLLMConfig(_Model):
     deterministic: bool = False
 
 
+class OpenAIConfig(_Model):
+    """Settings only the ``openai`` engine reads (any OpenAI-compatible chat endpoint)."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    # The NAME of the environment variable holding the API key. The key itself never goes
+    # into a config: the manifest records the whole config.
+    api_key_env: str | None = "OPENAI_API_KEY"
+    concurrency: int = Field(8, ge=1, description="requests in flight at once")
+    timeout_s: float = Field(120.0, gt=0.0)
+    max_retries: int = Field(6, ge=0)
+    backoff_base_s: float = Field(0.5, ge=0.0)
+    backoff_max_s: float = Field(30.0, ge=0.0)
+    # The served model name sent in requests (default: the engine's ``model``).
+    model_name: str | None = None
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_variable_name(cls, name: str | None) -> str | None:
+        # A pasted key would end up in the manifest: accept variable names only, and never
+        # echo the value (see _describe).
+        if name is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError("must be the NAME of an environment variable (e.g. "
+                             "OPENAI_API_KEY), not the key itself")
+        return name
+
+
 class EngineConfig(_Model):
     """A text-generation backend and the sampling settings it answers with."""
 
-    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    engine: Literal["auto", "transformers", "vllm", "openai"] = "auto"
     model: str = EMBEDDED_MODEL
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     temperature: float = Field(0.7, ge=0.0)
@@ -89,6 +116,7 @@ class EngineConfig(_Model):
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs each actor reserves")
     threads: int | None = Field(None, ge=1, description="torch threads (transformers engine)")
     vllm: VLLMConfig = VLLMConfig()
+    openai: OpenAIConfig = OpenAIConfig()
 
 
 class EvolutionConfig(_Model):
@@ -293,6 +321,8 @@ def _describe(err: dict[str, Any], root: type[BaseModel]) -> str:
         return f"unknown key '{key}'{hint} (valid keys here: {', '.join(valid)})"
     value = err.get("input")
     shown = repr(value) if not isinstance(value, dict) else "{...}"
+    if key.endswith("api_key_env"):
+        shown = "a value that is not shown"
     return f"'{key}': {err['msg']} (got {shown})"
 
 
@@ -323,7 +353,8 @@ def _check_paths(cfg: RunConfig) -> list[str]:
     if tmpl is not None and not Path(tmpl).is_file():
         problems.append(f"'evolution.prompt_template': file not found: {tmpl}")
     model = cfg.teacher.model
-    if model != EMBEDDED_MODEL and not Path(model).is_dir():
+    # engine=openai: the model is a name the server serves, not a local folder.
+    if cfg.teacher.engine != "openai" and model != EMBEDDED_MODEL and not Path(model).is_dir():
         # A hub name cannot be resolved without network access: a local folder is needed.
         problems.append(
             f"'teacher.model': {model!r} is neither '{EMBEDDED_MODEL}' nor a local model folder"

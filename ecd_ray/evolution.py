@@ -122,6 +122,8 @@ def eliminate(previous: str, candidate: str, max_chars: int) -> str | None:
 
 def answer_problem(result: GenerationResult) -> str | None:
     """The reason a teacher answer cannot be used, or None."""
+    if result.error is not None:
+        return "engine_error"
     if not result.text.strip():
         return "empty_response"
     if _REFUSAL.search(result.text) and len(result.text.split()) < 60:

@@ -71,6 +71,7 @@ EVOLUTIONS = pa.schema(
         ("stop_reason", pa.string()),
         ("rejected_attempts", pa.list_(EVOLVE_ATTEMPT)),
         ("sampling_json", pa.string()),  # sampling settings of answers and evolutions
+        ("worker", pa.string()),  # "<ray node id>:<pid>" of the actor that ran the chain
     ]
 )
 

@@ -96,3 +96,10 @@ def test_relative_seed_path_is_relative_to_the_config_file(tmp_path: Path) -> No
 def test_teacher_mode_refuses_the_135m_model() -> None:
     with pytest.raises(ConfigError, match="cannot rewrite instructions"):
         load_config(None, ["evolution.mode=teacher"])
+
+
+def test_a_pasted_api_key_is_refused_and_not_echoed() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["teacher.engine=openai", "teacher.openai.api_key_env=sk-live-0123"])
+    assert "NAME of an environment variable" in str(info.value)
+    assert "sk-live-0123" not in str(info.value)

@@ -24,7 +24,12 @@ def vllm_installed() -> bool:
 
 
 def resolve_engine_name(name: str) -> str:
-    """``auto`` is ``vllm`` wherever vLLM is installed (~6x faster on CPU), else transformers."""
+    """``auto`` is ``vllm`` wherever vLLM is installed (~6x faster on CPU), else transformers.
+
+    ``openai`` (a remote OpenAI-compatible server) is only ever chosen explicitly.
+    """
+    if name == "openai":
+        return name
     if name == "auto":
         return "vllm" if vllm_installed() else "transformers"
     if name == "vllm" and not vllm_installed():
@@ -36,11 +41,19 @@ def resolve_engine_name(name: str) -> str:
 
 
 def build_engine(cfg: EngineConfig, *, seed: int, scratch: Path | None = None) -> Engine:
-    """Load ``cfg.model`` into the engine ``cfg.engine`` names (in the calling process)."""
+    """Load ``cfg.model`` into the engine ``cfg.engine`` names (in the calling process).
+
+    ``openai`` loads nothing: ``cfg.model`` is the name the remote server serves.
+    """
+    name = resolve_engine_name(cfg.engine)
+    if name == "openai":
+        from ecd_ray.engines.openai_engine import OpenAIEngine
+
+        return OpenAIEngine(cfg.openai, model_name=cfg.openai.model_name or cfg.model)
+
     from ecd_ray.models import resolve_model
 
     model_dir = resolve_model(cfg.model)
-    name = resolve_engine_name(cfg.engine)
     if name == "vllm":
         from ecd_ray.engines.vllm_engine import VLLMEngine
 

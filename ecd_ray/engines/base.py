@@ -37,12 +37,14 @@ class ChatRequest:
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """What an engine returns for one request; ``finish_reason`` is "stop" or "length"."""
+    """What an engine returns for one request; ``finish_reason`` is "stop" or "length", or
+    "error" when the engine gave up on the request (``error`` then says why)."""
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    error: str | None = None
 
 
 class Engine(Protocol):

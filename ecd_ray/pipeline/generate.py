@@ -57,11 +57,16 @@ class ChainWorker:
                           max_new_tokens=t.max_new_tokens, min_new_tokens=t.min_new_tokens)
         self.runner = ChainRunner(engine, cfg.evolution, rounds=cfg.rounds, seed=cfg.seed,
                                   answer=answer, system_prompt=t.system_prompt)
+        import ray
+
+        self.worker = f"{ray.get_runtime_context().get_node_id()}:{os.getpid()}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         schema.missing_columns(batch, schema.SEEDS, "evolve+answer")
         start = time.perf_counter()
         rows = self.runner.run(batch.select(schema.SEEDS.names).to_pylist())
+        for row in rows:
+            row["worker"] = self.worker
         elapsed = time.perf_counter() - start
         tokens = sum(lvl["completion_tokens"] or 0 for r in rows for lvl in r["levels"])
         levels = sum(r["num_levels"] for r in rows)
@@ -194,6 +199,7 @@ def _run_chains(cfg: RunConfig, n_todo: int) -> None:
     # One block per actor batch: the pool's actors share the work batch by batch, each batch
     # is written as its own shard (the unit of resumption), and the same seeds form the same
     # batches in every run, which keeps batched sampling reproducible.
+    # (repartition's tasks take 1 CPU each: a cluster needs one CPU beside the actor pool.)
     ds = ray.data.read_parquet(str(run_dir / "staged_seeds"), num_cpus=LIGHT_TASK_CPUS)
     ds = ds.repartition(math.ceil(n_todo / t.batch_size))
     ds = ds.map_batches(
