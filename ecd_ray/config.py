@@ -10,8 +10,9 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -42,6 +43,9 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+_M = TypeVar("_M", bound=_Model)
+
+
 class SeedsConfig(_Model):
     """Where the seed instructions come from and how their rows are read."""
 
@@ -68,6 +72,11 @@ class VLLMConfig(_Model):
     # CPU only: OpenMP cores to bind, e.g. "0-1"; "auto" binds all cores Ray gives the actor.
     cpu_threads_bind: str = "auto"
     tensor_parallel_size: int = Field(1, ge=1)
+    # GPUs per replica = tensor_parallel_size x pipeline_parallel_size; a replica spanning
+    # several GPUs gets a Ray placement group of one {GPU: 1} bundle per GPU.
+    pipeline_parallel_size: int = Field(1, ge=1)
+    quantization: str | None = None  # e.g. "fp8", "awq", "gptq" (vLLM's names)
+    kv_cache_dtype: str = "auto"  # e.g. "fp8"
     # Run vLLM's engine core in-process so its scheduling, and so its outputs, are
     # reproducible (vLLM's documented recipe for offline runs). Costs some throughput.
     deterministic: bool = False
@@ -175,6 +184,9 @@ class RunConfig(_Model):
     overwrite: bool = False
     seeds: SeedsConfig = SeedsConfig()
     teacher: EngineConfig = EngineConfig()
+    # teacher mode: the engine that rewrites instructions, when not the teacher itself (e.g. a
+    # 70B evolver with a smaller responder). Both live in each actor of the pool.
+    evolver: EngineConfig | None = None
     evolution: EvolutionConfig = EvolutionConfig()
     pairs: PairsConfig = PairsConfig()
     ray: RayConfig = RayConfig()
@@ -288,11 +300,12 @@ def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
     return tree, problems
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` merged into ``base``, nested mappings merged key by key."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -359,7 +372,24 @@ def _check_paths(cfg: RunConfig) -> list[str]:
         problems.append(
             f"'teacher.model': {model!r} is neither '{EMBEDDED_MODEL}' nor a local model folder"
         )
-    if cfg.evolution.mode == "teacher" and cfg.teacher.model == EMBEDDED_MODEL:
+    if cfg.evolver is not None and cfg.evolver.num_gpus > 0 and cfg.evolver.engine != "openai" \
+            and cfg.teacher.num_gpus > 0:
+        problems.append(
+            "'evolver': a GPU evolver and a GPU teacher in one actor are not supported; serve "
+            "the evolver with vLLM's OpenAI server and set evolver.engine=openai (or run the "
+            "teacher on CPU)")
+    for role, eng in (("teacher", cfg.teacher), ("evolver", cfg.evolver)):
+        if eng is None or eng.engine not in ("vllm", "auto"):
+            continue
+        gpus = eng.vllm.tensor_parallel_size * eng.vllm.pipeline_parallel_size
+        if gpus > 1 and eng.num_gpus != gpus:
+            problems.append(
+                f"'{role}.num_gpus': a replica with tensor_parallel_size x pipeline_parallel_size"
+                f" = {gpus} needs {role}.num_gpus={gpus} (got {eng.num_gpus:g})")
+    if cfg.evolver is not None and cfg.evolver.engine != "openai" and \
+            cfg.evolver.model != EMBEDDED_MODEL and not Path(cfg.evolver.model).is_dir():
+        problems.append(f"'evolver.model': model folder not found: {cfg.evolver.model}")
+    if cfg.evolution.mode == "teacher" and (cfg.evolver or cfg.teacher).model == EMBEDDED_MODEL:
         problems.append(
             "'evolution.mode': a 135M model cannot rewrite instructions; use "
             "evolution.mode=template"
@@ -372,12 +402,18 @@ def load_train_config(path: str | os.PathLike[str] | None,
                       overrides: list[str] = ()) -> TrainConfig:
     """Load a :class:`TrainConfig` like :func:`load_config` loads a :class:`RunConfig`."""
     data, problems = _read_yaml(path, overrides, relative_keys=("pairs", "deepspeed_config"))
+    return _validate(TrainConfig, data, problems, _check_train_paths)
+
+
+def _validate(model: type[_M], data: dict[str, Any], problems: list[str],
+              check_paths: Callable[[_M], list[str]]) -> _M:
+    """Validate ``data`` as ``model``; every problem (types, then files) in one ConfigError."""
     try:
-        cfg = TrainConfig.model_validate(data)
+        cfg = model.model_validate(data)
     except ValidationError as exc:
-        problems += [_describe(e, TrainConfig) for e in exc.errors()]
+        problems += [_describe(e, model) for e in exc.errors()]
         raise ConfigError(problems) from None
-    problems += _check_train_paths(cfg)
+    problems += check_paths(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -409,7 +445,7 @@ def _read_yaml(path: str | os.PathLike[str] | None, overrides: list[str],
             if isinstance(node, dict) and isinstance(node.get(leaf), str):
                 node[leaf] = str((p.parent / node[leaf]).resolve())
     tree, problems = parse_overrides(list(overrides))
-    return _deep_merge(data, tree), problems
+    return deep_merge(data, tree), problems
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) -> RunConfig:
@@ -418,12 +454,4 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) 
     Raises :class:`ConfigError` listing every problem found.
     """
     data, problems = _read_yaml(path, overrides, relative_keys=("seeds.path",))
-    try:
-        cfg = RunConfig.model_validate(data)
-    except ValidationError as exc:
-        problems += [_describe(e, RunConfig) for e in exc.errors()]
-        raise ConfigError(problems) from None
-    problems += _check_paths(cfg)
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+    return _validate(RunConfig, data, problems, _check_paths)

@@ -184,8 +184,10 @@ class ChainRunner:
     """
 
     def __init__(self, engine: Engine, evolution: EvolutionConfig, *, rounds: int, seed: int,
-                 answer: Sampling, system_prompt: str | None = None):
+                 answer: Sampling, system_prompt: str | None = None,
+                 evolver: Engine | None = None):
         self.engine = engine
+        self.evolver = evolver or engine  # teacher mode: who rewrites the instructions
         self.cfg = evolution
         self.rounds = rounds
         self.seed = seed
@@ -274,4 +276,4 @@ class ChainRunner:
                                 max_new_tokens=self.cfg.max_new_tokens,
                                 seed=request_seed(self.seed, rid))
             requests.append(ChatRequest(rid, [{"role": "user", "content": prompt}], sampling))
-        return [r.text for r in self.engine.generate(requests)]
+        return [r.text for r in self.evolver.generate(requests)]

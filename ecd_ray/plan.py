@@ -643,22 +643,14 @@ def _powers_of_two(start: int, stop: int) -> Iterable[int]:
 def _merged_tree(path: Path | None, overrides: list[str]) -> dict[str, Any]:
     import yaml
 
-    from ecd_ray.config import parse_overrides
+    from ecd_ray.config import deep_merge, parse_overrides
 
     data: dict[str, Any] = {}
     if path is not None:
         loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         data = loaded if isinstance(loaded, dict) else {}
     tree, _ = parse_overrides(list(overrides))
-
-    def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-        out = dict(a)
-        for k, val in b.items():
-            out[k] = merge(out[k], val) if isinstance(val, dict) and isinstance(
-                out.get(k), dict) else val
-        return out
-
-    return merge(data, tree)
+    return deep_merge(data, tree)
 
 
 def _load_for_plan(kind: str, path: Path | None, overrides: list[str]) -> tuple[Any, list[str]]:

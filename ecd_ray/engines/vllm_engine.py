@@ -33,6 +33,31 @@ def set_cpu_env(cfg: VLLMConfig, num_cpus: int, scratch: Path | None) -> None:
         os.environ.setdefault("VLLM_CACHE_ROOT", str(scratch / "vllm_cache"))
 
 
+def engine_kwargs(model_dir: str | Path, cfg: VLLMConfig, *, dtype: str, seed: int,
+                  on_gpu: bool) -> dict[str, object]:
+    """The ``vllm.LLM`` arguments for a config: one schema for CPU and GPU."""
+    kwargs: dict[str, object] = {
+        "model": str(model_dir),
+        # bf16 on CPU: about 20% faster than fp32 there; "auto" on GPU follows the checkpoint.
+        "dtype": ("bfloat16" if not on_gpu else "auto") if dtype == "auto" else dtype,
+        "enforce_eager": cfg.enforce_eager,
+        "max_model_len": cfg.max_model_len,
+        "max_num_seqs": cfg.max_num_seqs,
+        "seed": seed,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "pipeline_parallel_size": cfg.pipeline_parallel_size,
+        "kv_cache_dtype": cfg.kv_cache_dtype,
+    }
+    if cfg.quantization:
+        kwargs["quantization"] = cfg.quantization
+    if cfg.tensor_parallel_size * cfg.pipeline_parallel_size > 1:
+        # Workers go into the placement group the pipeline created for this actor.
+        kwargs["distributed_executor_backend"] = "ray"
+    if on_gpu:
+        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    return kwargs
+
+
 class VLLMEngine:
     """Chat generation with ``vllm.LLM.chat``."""
 
@@ -55,18 +80,7 @@ class VLLMEngine:
         from vllm import LLM
 
         self.model_name = model_name or str(model_dir)
-        kwargs: dict[str, object] = {
-            "model": str(model_dir),
-            "dtype": ("bfloat16" if not on_gpu else "auto") if dtype == "auto" else dtype,
-            "enforce_eager": cfg.enforce_eager,
-            "max_model_len": cfg.max_model_len,
-            "max_num_seqs": cfg.max_num_seqs,
-            "seed": seed,
-            "tensor_parallel_size": cfg.tensor_parallel_size,
-        }
-        if on_gpu:
-            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        self.llm = LLM(**kwargs)
+        self.llm = LLM(**engine_kwargs(model_dir, cfg, dtype=dtype, seed=seed, on_gpu=on_gpu))
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(self, requests: list[ChatRequest]) -> list[GenerationResult]:

@@ -53,10 +53,13 @@ class ChainWorker:
         cfg = RunConfig.model_validate_json(cfg_json)
         t = cfg.teacher
         engine = build_engine(t, seed=cfg.seed, scratch=Path(scratch))
+        evolver = None
+        if cfg.evolver is not None and cfg.evolution.mode == "teacher":
+            evolver = build_engine(cfg.evolver, seed=cfg.seed, scratch=Path(scratch))
         answer = Sampling(temperature=t.temperature, top_p=t.top_p,
                           max_new_tokens=t.max_new_tokens, min_new_tokens=t.min_new_tokens)
         self.runner = ChainRunner(engine, cfg.evolution, rounds=cfg.rounds, seed=cfg.seed,
-                                  answer=answer, system_prompt=t.system_prompt)
+                                  answer=answer, system_prompt=t.system_prompt, evolver=evolver)
         import ray
 
         self.worker = f"{ray.get_runtime_context().get_node_id()}:{os.getpid()}"
@@ -93,6 +96,42 @@ def _chain_pairs(batch: pa.Table, pairs: PairsConfig, seed: int, stage: str
             else "train"
         out.append(build_pairs(chain, pairs.max_negative_gap, pairs.policy, split))
     return out
+
+
+def replica_bundles(cfg: RunConfig) -> list[dict[str, float]] | None:
+    """Placement-group bundles of one actor whose vLLM engine spans several GPUs (tensor x
+    pipeline parallel): one ``{GPU: 1, CPU: 1}`` bundle per GPU; None for a single-GPU or CPU
+    engine, which the actor reserves directly."""
+    t = cfg.teacher
+    gpus = t.vllm.tensor_parallel_size * t.vllm.pipeline_parallel_size
+    if t.engine not in ("vllm", "auto") or t.num_gpus == 0 or gpus == 1:
+        return None
+    return [{"GPU": 1.0, "CPU": 1.0} for _ in range(gpus)]
+
+
+def actor_resources(cfg: RunConfig) -> dict[str, Any]:
+    """map_batches' resource arguments for the ChainWorker pool.
+
+    A multi-GPU replica is scheduled into a fresh placement group per actor (STRICT_PACK: the
+    GPUs of one tensor-parallel engine share a node; PACK when pipeline parallelism may span
+    nodes); the actor itself takes no GPU and vLLM's Ray workers take the bundles, as
+    ``ray.data.llm`` does. Otherwise the actor reserves ``num_gpus`` directly.
+    """
+    t = cfg.teacher
+    bundles = replica_bundles(cfg)
+    if bundles is None:
+        return {"num_cpus": t.num_cpus, "num_gpus": t.num_gpus or None}
+    strategy = "PACK" if t.vllm.pipeline_parallel_size > 1 else "STRICT_PACK"
+
+    def placement() -> dict[str, Any]:
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        pg = placement_group(bundles, strategy=strategy)
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            pg, placement_group_capture_child_tasks=True)}
+
+    return {"num_cpus": LIGHT_TASK_CPUS, "num_gpus": None, "ray_remote_args_fn": placement}
 
 
 def pairs_batch(batch: pa.Table, pairs: PairsConfig, seed: int) -> pa.Table:
@@ -209,8 +248,7 @@ def _run_chains(cfg: RunConfig, n_todo: int) -> None:
         batch_size=t.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=t.replicas),
-        num_cpus=t.num_cpus,
-        num_gpus=t.num_gpus or None,
+        **actor_resources(cfg),
     )
     ds = ds.map_batches(verify_batch, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
     ds.write_parquet(str(run_dir / "evolutions"), ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})

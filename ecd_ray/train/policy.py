@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ecd_ray.config import TrainConfig
+from ecd_ray.config import TrainConfig, deep_merge
 from ecd_ray.train.collate import concatenated_logprobs
 from ecd_ray.train.losses import LOSSES, LossOutput
 
@@ -26,14 +26,6 @@ def torch_dtype(cfg: TrainConfig, on_gpu: bool) -> torch.dtype:
     if cfg.dtype == "auto":
         return torch.bfloat16 if on_gpu else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-
-
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(
-            out.get(key), dict) else value
-    return out
 
 
 def deepspeed_config(cfg: TrainConfig, total_steps: int, on_gpu: bool) -> dict[str, Any]:
@@ -82,7 +74,7 @@ def deepspeed_config(cfg: TrainConfig, total_steps: int, on_gpu: bool) -> dict[s
     if cfg.clip_grad is not None:
         config["gradient_clipping"] = cfg.clip_grad
     if cfg.deepspeed_config:
-        config = _deep_merge(config, json.loads(Path(cfg.deepspeed_config).read_text()))
+        config = deep_merge(config, json.loads(Path(cfg.deepspeed_config).read_text()))
     return config
 
 
