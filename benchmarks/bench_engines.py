@@ -74,21 +74,24 @@ def main() -> int:
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--engines", nargs="+", default=["transformers", "vllm"])
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
-        print(json.dumps(run_engine(args.child, args.model, args.prompts, args.max_new_tokens,
-                                    args.cpus)))
+    if args.child:  # engines print their own logs on stdout: the result goes to a file
+        Path(args.child_out).write_text(json.dumps(run_engine(
+            args.child, args.model, args.prompts, args.max_new_tokens, args.cpus)))
         return 0
     results = []
-    for engine in args.engines:
-        cmd = [sys.executable, __file__, "--child", engine, "--model", args.model, "--prompts",
-               str(args.prompts), "--max-new-tokens", str(args.max_new_tokens), "--cpus",
-               str(args.cpus)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(results[-1], flush=True)
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
+    for engine in args.engines:
+        child_out = out_dir / f".{engine}.json"
+        cmd = [sys.executable, __file__, "--child", engine, "--child-out", str(child_out),
+               "--model", args.model, "--prompts", str(args.prompts), "--max-new-tokens",
+               str(args.max_new_tokens), "--cpus", str(args.cpus)]
+        subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results.append(json.loads(child_out.read_text()))
+        child_out.unlink()
+        print(results[-1], flush=True)
     record = {"model": args.model, "max_new_tokens": args.max_new_tokens, "cpus": args.cpus,
               "machine": platform.platform(), "results": results}
     if len(results) == 2:
