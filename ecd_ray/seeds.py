@@ -158,13 +158,12 @@ def read_seeds(cfg: SeedsConfig) -> SeedReadResult:
             if cfg.limit is not None and result.rows_read >= cfg.limit:
                 return result
             result.rows_read += 1
-            if bad is None:
-                assert row is not None  # noqa: S101 - _jsonl_rows yields one of the two
+            seed = None
+            if row is not None:
                 seed, bad = _validate(row, source, cfg)
-            if bad is not None:
+            if seed is None:
                 result.rejects.append(bad)
                 continue
-            assert seed is not None  # noqa: S101
             key = normalize(seed["instruction"])
             if seed["seed_id"] in seen_ids:
                 result.rejects.append(reject(
