@@ -195,3 +195,24 @@ def test_zero3_two_workers_learns_checkpoints_and_resumes(tmp_path: Path, tiny_m
     for ma, mb in zip(_metrics(run_a)[-4:], resumed[-4:], strict=True):
         assert ma["step"] == mb["step"]
         assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-5)
+
+
+def test_ddp_strategy_trains_checkpoints_and_resumes(tmp_path: Path, tiny_model: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plain-DDP path: torch AdamW + LambdaLR, rank-0 checkpoints, resume at the step."""
+    pairs = separable_pairs(tmp_path / "pairs", 32)  # 32 / 2 workers / (2x2) = 4 steps
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "3")
+    with pytest.raises(Exception, match="injected failure"):
+        train(_cfg(tmp_path, tiny_model, pairs, "run_name=d", "strategy=ddp",
+                   "checkpoint_every=2", "max_failures=0"))
+    monkeypatch.delenv(FAIL_AT_STEP_ENV)
+    summary = train(_cfg(tmp_path, tiny_model, pairs, "run_name=d", "strategy=ddp",
+                         "checkpoint_every=2"))
+    assert summary["resumed_from"].endswith("step_000002")
+    metrics = _metrics(tmp_path / "d")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 3, 4]
+    assert metrics[2]["loss"] == pytest.approx(metrics[3]["loss"], abs=1e-5)  # same state
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "d" / "model")
