@@ -66,14 +66,18 @@ def summary(manifest: dict[str, Any]) -> str:
     return text
 
 
-def _generate(cfg: RunConfig) -> int:
-    from ecd_ray.pipeline.generate import generate
+def _generate(cfg: RunConfig, verbose: bool = False) -> int:
+    from ecd_ray.pipeline.generate import RunInterrupted, generate, resume_command
 
     try:
-        manifest = generate(cfg)
+        manifest = generate(cfg, verbose=verbose)
     except FileExistsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as exc:
+        print(f"\nstopped: {exc}; the run is resumable, with:\n  {resume_command()}",
+              file=sys.stderr)
+        return 130
     print(summary(manifest))
     return 0 if manifest["accounting"]["ok"] else 1
 
@@ -123,7 +127,7 @@ def _demo(args: argparse.Namespace) -> int:
     if old and old.get("status") == "complete" and old.get("config_hash") == mf.config_hash(cfg):
         print(f"reusing the finished generation run in {cfg.run_dir}")
         print(summary(old))
-    elif (rc := _generate(cfg)) != 0:
+    elif (rc := _generate(cfg, args.verbose)) != 0:
         return rc
     if args.no_train:
         return 0
@@ -214,11 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     gen = sub.add_parser("generate", help="evolve seeds and write ECD preference pairs")
     gen.add_argument("--config", type=Path, help="YAML config (defaults apply when omitted)")
     gen.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rounds=4")
+    gen.add_argument("-v", "--verbose", action="store_true",
+                     help="show engine, Ray and library logs (else in <run>/logs/)")
     run = sub.add_parser("run", help="the embedded demo: generate, train, evaluate (local Ray)")
     run.add_argument("overrides", nargs="*",
                      help="dotted overrides, e.g. seeds.limit=20; train.* go to training "
                           "(train.max_steps=3)")
     run.add_argument("--no-train", action="store_true", help="generate only")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="show engine, Ray and library logs (else in <run>/logs/)")
     tr = sub.add_parser("train", help="DPO/IPO/SLiC/SFT on Ray Train with DeepSpeed ZeRO")
     tr.add_argument("--config", type=Path, help="YAML train config (defaults when omitted)")
     tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. max_steps=20")
@@ -247,7 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--all-seeds", action="store_true", help="not only the held-out seeds")
     args = parser.parse_args(argv)
 
+    verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.command in ("generate", "run") and not verbose:
+        # The console shows the progress line and warnings; the run's log file has the rest.
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.WARNING)
     if args.command == "evaluate":
         return _evaluate(args)
     if args.command == "export-eval":
@@ -266,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return _generate(cfg)
+    return _generate(cfg, args.verbose)
 
 
 if __name__ == "__main__":

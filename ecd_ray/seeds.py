@@ -4,6 +4,9 @@ Every input row ends in exactly one of two places: the valid seeds, or the rejec
 reason (``invalid_utf8``, ``invalid_json``, ``not_an_object``, ``missing_column``,
 ``empty_instruction``, ``not_a_string``, ``instruction_too_long``, ``duplicate_id``,
 ``duplicate_instruction``). Nothing is dropped silently.
+
+Reading streams (:func:`iter_seeds`): memory does not grow with the rows' text, only by a
+few bytes a seed for de-duplication.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from ecd_ray.config import SeedsConfig
+from ecd_ray.idset import IdSet
 from ecd_ray.schema import reject
 
 
@@ -143,40 +147,66 @@ def _validate(
     }, None
 
 
-def read_seeds(cfg: SeedsConfig) -> SeedReadResult:
-    """Read, validate and de-duplicate every seed row named by ``cfg``.
+def iter_seeds(cfg: SeedsConfig) -> Iterator[tuple[dict[str, Any] | None, dict[str, Any] | None]]:
+    """Stream every seed row named by ``cfg``: validate it and de-duplicate it.
 
-    Raises ``ValueError`` for problems with a whole file (a Parquet file without the
-    instruction column); problems with single rows become rejects.
+    Yields, for each row read and in input order, exactly one of ``(seed, None)`` (a row of
+    ``schema.SEEDS``) or ``(None, reject)`` (a row of ``schema.REJECTS``). At most
+    ``cfg.limit`` rows are read (bad rows count too; blank JSONL lines are not rows).
+
+    Lazy and memory-bounded: JSONL is read line by line, Parquet batch by batch, and what is
+    remembered per seed is two 64-bit hashes (its id and its normalized instruction, in
+    :class:`~ecd_ray.idset.IdSet`s: about 8-20 bytes a seed each). So a duplicate's reject
+    cannot name the earlier row, and a 64-bit hash collision (chance about ``n**2 / 2**65``,
+    3e-6 at 10M seeds) would reject a distinct seed as a duplicate.
+
+    Raises ``ValueError`` for problems with a whole file (no seed files; a Parquet file
+    without the instruction column) when the reading reaches that file; problems with single
+    rows become rejects.
     """
-    result = SeedReadResult()
-    seen_ids: dict[str, str] = {}
-    seen_text: dict[str, str] = {}
+    seen_ids = IdSet()
+    seen_text = IdSet()
+    rows_read = 0
     for path, kind in _seed_files(Path(cfg.path), cfg.format):
+        if cfg.limit is not None and rows_read >= cfg.limit:
+            return
         rows = _jsonl_rows(path) if kind == "jsonl" else _parquet_rows(path, cfg)
-        for source, row, bad in rows:
-            if cfg.limit is not None and result.rows_read >= cfg.limit:
-                return result
-            result.rows_read += 1
-            seed = None
-            if row is not None:
-                seed, bad = _validate(row, source, cfg)
-            if seed is None:
-                result.rejects.append(bad)
-                continue
-            key = normalize(seed["instruction"])
-            if seed["seed_id"] in seen_ids:
-                result.rejects.append(reject(
-                    "seed", "duplicate_id", f"id already used by {seen_ids[seed['seed_id']]}",
-                    seed_id=seed["seed_id"], source=source, raw=seed["instruction"]
-                ))
-            elif key in seen_text:
-                result.rejects.append(reject(
-                    "seed", "duplicate_instruction", f"same instruction as {seen_text[key]}",
-                    seed_id=seed["seed_id"], source=source, raw=seed["instruction"]
-                ))
-            else:
-                seen_ids[seed["seed_id"]] = source
-                seen_text[key] = source
-                result.seeds.append(seed)
+        try:
+            for source, row, bad in rows:
+                rows_read += 1
+                seed = None
+                if row is not None:
+                    seed, bad = _validate(row, source, cfg)
+                if seed is None:
+                    yield None, bad
+                elif seed["seed_id"] in seen_ids:
+                    yield None, reject(
+                        "seed", "duplicate_id", "an earlier row has the same id",
+                        seed_id=seed["seed_id"], source=source, raw=seed["instruction"]
+                    )
+                elif not seen_text.add(normalize(seed["instruction"])):
+                    yield None, reject(
+                        "seed", "duplicate_instruction", "an earlier row has the same "
+                        "instruction (after NFC, case-folding and whitespace collapsing)",
+                        seed_id=seed["seed_id"], source=source, raw=seed["instruction"]
+                    )
+                else:
+                    seen_ids.add(seed["seed_id"])
+                    yield seed, None
+                if cfg.limit is not None and rows_read >= cfg.limit:
+                    return
+        finally:
+            rows.close()
+
+
+def read_seeds(cfg: SeedsConfig) -> SeedReadResult:
+    """Collect :func:`iter_seeds` into lists: for tests and small inputs only (the whole
+    input is held in memory; stream with :func:`iter_seeds` for large ones)."""
+    result = SeedReadResult()
+    for seed, bad in iter_seeds(cfg):
+        result.rows_read += 1
+        if seed is not None:
+            result.seeds.append(seed)
+        else:
+            result.rejects.append(bad)
     return result

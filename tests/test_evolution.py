@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from hypothesis import given
@@ -9,9 +10,10 @@ from hypothesis import strategies as st
 
 from ecd_ray.config import EVOLUTION_OPERATIONS, EvolutionConfig
 from ecd_ray.constraints.catalogue import CATALOGUE, conflicts
-from ecd_ray.engines.base import ChatRequest, GenerationResult, Sampling
-from ecd_ray.evolution import ChainRunner, eliminate, pick_step
+from ecd_ray.engines.base import PROMPT_TOO_LONG, ChatRequest, GenerationResult, Sampling, failed
+from ecd_ray.evolution import ChainSettings, eliminate, pick_step
 from ecd_ray.pairs import build_pairs
+from ecd_ray.scheduler import ChainScheduler
 from ecd_ray.verify import annotate_levels
 
 OPS = list(EVOLUTION_OPERATIONS)
@@ -88,30 +90,55 @@ def test_identical_answers_are_rejected_and_a_pairless_seed_is_accounted_for() -
 
 @dataclass
 class ScriptedEngine:
-    """An engine whose answers are given by a function: stands in for a teacher LLM in
-    chain-logic tests only (the real engines are exercised in test_pipeline.py)."""
+    """An async engine whose answers are given by a function: stands in for a teacher LLM in
+    chain-logic tests only (the real engines are exercised in test_pipeline.py). ``delay``
+    gives each request a duration, so scheduling order can be observed."""
 
     answer: object
     model_name: str = "scripted"
+    capacity: int = 4
+    delay: object = None
     seen: list[ChatRequest] = field(default_factory=list)
+    log: list[tuple[str, str]] = field(default_factory=list)
 
-    def generate(self, requests: list[ChatRequest]) -> list[GenerationResult]:
-        self.seen += requests
-        return [GenerationResult(self.answer(r), 5, 7, "stop") for r in requests]  # type: ignore[operator]
+    async def agenerate(self, request: ChatRequest) -> GenerationResult:
+        self.seen.append(request)
+        self.log.append(("start", request.request_id))
+        if self.delay is not None:
+            await asyncio.sleep(self.delay(request))  # type: ignore[operator]
+        self.log.append(("end", request.request_id))
+        text = self.answer(request)  # type: ignore[operator]
+        if isinstance(text, GenerationResult):
+            return text
+        return GenerationResult(text, 5, 7, "stop")
 
     def close(self) -> None:
         pass
 
 
-def test_chain_runner_template_mode_levels_and_inheritance() -> None:
+def _run(engine: ScriptedEngine, seeds: list[dict], mode: str = "continuous", rounds: int = 3,
+         evolution: EvolutionConfig | None = None, **kw: object) -> list[dict]:
+    settings = ChainSettings.build(evolution or EvolutionConfig(operations=["add_requirement"]),
+                                   rounds=rounds, seed=0, answer=Sampling(),
+                                   answer_model=engine.model_name)
+    sched = ChainScheduler(engine, settings, mode=mode, **kw)  # type: ignore[arg-type]
+    rows: list[dict] = []
+    asyncio.run(sched.run(seeds, lambda c: rows.append(c.to_row())))
+    return rows
+
+
+def _seeds(n: int) -> list[dict]:
+    return [{"seed_id": f"s{i}", "source": f"f:{i}", "instruction": f"Describe animal {i}.",
+             "response": None} for i in range(n)]
+
+
+def test_chain_template_mode_levels_and_inheritance() -> None:
     eng = ScriptedEngine(lambda r: f"answer to: {r.messages[-1]['content'][-30:]}")
-    runner = ChainRunner(eng, EvolutionConfig(operations=["add_requirement"]), rounds=3, seed=0,
-                         answer=Sampling())
-    rows = runner.run([{"seed_id": "a", "source": "f:1", "instruction": "Describe a cat.",
-                        "response": None},
-                       {"seed_id": "b", "source": "f:2", "instruction": "Describe a dog.",
-                        "response": "A dog is a loyal animal."}])
-    a, b = rows
+    rows = _run(eng, [{"seed_id": "a", "source": "f:1", "instruction": "Describe a cat.",
+                       "response": None},
+                      {"seed_id": "b", "source": "f:2", "instruction": "Describe a dog.",
+                       "response": "A dog is a loyal animal."}])
+    a, b = sorted(rows, key=lambda r: r["seed_id"])
     assert a["num_levels"] == 4 and a["stop_reason"] == "completed"
     assert b["levels"][0]["response_source"] == "seed"
     assert b["levels"][0]["response"] == "A dog is a loyal animal."
@@ -126,7 +153,7 @@ def test_chain_runner_template_mode_levels_and_inheritance() -> None:
     assert len({r.sampling.seed for r in eng.seen}) == 7  # per-request sampler seeds
 
 
-def test_chain_runner_teacher_mode_rejects_meta_text_and_keeps_earlier_levels() -> None:
+def test_chain_teacher_mode_rejects_meta_text_and_keeps_earlier_levels() -> None:
     def teacher(req: ChatRequest) -> str:
         text = req.messages[-1]["content"]
         if "instruction rewriter" in text:
@@ -134,16 +161,65 @@ def test_chain_runner_teacher_mode_rejects_meta_text_and_keeps_earlier_levels() 
                 text.rsplit("\n", 1)[-1] + " Use exactly three sentences."
         return "an answer " + req.request_id
 
-    eng = ScriptedEngine(teacher)
-    runner = ChainRunner(eng, EvolutionConfig(mode="teacher"), rounds=3, seed=0,
-                         answer=Sampling())
-    (good, bad) = runner.run([
+    rows = _run(ScriptedEngine(teacher), [
         {"seed_id": "good", "source": "f:1", "instruction": "Name a color.", "response": None},
         {"seed_id": "bad", "source": "f:2", "instruction": "Name a fruit.", "response": None},
-    ])
+    ], evolution=EvolutionConfig(mode="teacher"))
+    good, bad = sorted(rows, key=lambda r: r["seed_id"], reverse=True)
     assert good["num_levels"] == 4
     assert bad["num_levels"] == 2 and bad["stop_reason"] == "evolve:meta_text"
     assert bad["rejected_attempts"][0]["level"] == 2
+
+
+def test_a_refused_request_stops_only_its_chain_and_keeps_its_levels() -> None:
+    def answer(req: ChatRequest) -> object:
+        if req.request_id == "answer:s1:2":
+            return failed(PROMPT_TOO_LONG, "9000 prompt tokens + 256 new tokens > 4096")
+        return "fine " + req.request_id
+
+    rows = {r["seed_id"]: r for r in _run(ScriptedEngine(answer), _seeds(3))}
+    assert rows["s1"]["stop_reason"] == "answer:prompt_too_long"
+    assert rows["s1"]["num_levels"] == 2  # R0 and R1 are kept
+    assert rows["s1"]["rejected_attempts"][0]["reason"] == "prompt_too_long"
+    assert rows["s0"]["num_levels"] == rows["s2"]["num_levels"] == 4
+
+
+def test_continuous_chains_do_not_wait_for_each_other() -> None:
+    """A chain whose answers are slow must not hold back the others: with lock-step batches
+    every step waits for it; with continuous chains the fast ones finish all their levels
+    before the slow one finishes its first."""
+    slow = lambda r: 0.2 if r.request_id.startswith("answer:s0:") else 0.01  # noqa: E731
+    eng = ScriptedEngine(lambda r: "ok " + r.request_id, delay=slow, capacity=8)
+    finished: list[str] = []
+    order = [r["seed_id"] for r in _run(eng, _seeds(4))]
+    finished = order
+    assert finished[-1] == "s0"
+    first_slow_end = eng.log.index(("end", "answer:s0:0"))
+    assert ("end", "answer:s1:3") in eng.log[:first_slow_end]
+
+    eng = ScriptedEngine(lambda r: "ok " + r.request_id, delay=slow, capacity=8)
+    _run(eng, _seeds(4), mode="lockstep", batch_size=4)
+    first_slow_end = eng.log.index(("end", "answer:s0:0"))
+    assert all(not e[1].endswith((":1", ":2", ":3")) for e in eng.log[:first_slow_end])
+
+
+def test_scheduler_keeps_max_chains_in_flight_and_outputs_match_lockstep() -> None:
+    eng = ScriptedEngine(lambda r: "ok " + r.request_id, delay=lambda r: 0.001, capacity=3)
+    settings = ChainSettings.build(EvolutionConfig(), rounds=2, seed=0, answer=Sampling())
+    sched = ChainScheduler(eng, settings, max_chains=5)
+    peak = 0
+
+    def done(_c: object) -> None:
+        nonlocal peak
+        peak = max(peak, sched.stats.chains_in_flight)
+
+    asyncio.run(sched.run(_seeds(20), done))
+    assert sched.stats.chains_done == 20 and peak == 5 and sched.stats.in_flight == 0
+    key = lambda r: r["seed_id"]  # noqa: E731
+    a = sorted(_run(ScriptedEngine(lambda r: "x" + r.request_id), _seeds(9)), key=key)
+    b = sorted(_run(ScriptedEngine(lambda r: "x" + r.request_id), _seeds(9), mode="lockstep",
+                    batch_size=4), key=key)
+    assert a == b  # scheduling changes timing, never content
 
 
 def test_unused_operations_come_first() -> None:

