@@ -33,11 +33,14 @@ def _assistant(text: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": text}]
 
 
-def _pair(chain: dict[str, Any], k: int, j: int, split: str) -> dict[str, Any]:
+def _pair(chain: dict[str, Any], k: int, j: int, split: str, system_prompt: str | None
+          ) -> dict[str, Any]:
     chosen, neg = chain["levels"][k], chain["levels"][j]
+    # The conversation the chosen answer was generated from, system prompt included.
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return {
         "pair_id": pair_id(chain["seed_id"], k, j),
-        "prompt": [{"role": "user", "content": chosen["instruction"]}],
+        "prompt": system + [{"role": "user", "content": chosen["instruction"]}],
         "chosen": _assistant(chosen["response"]),
         "rejected": _assistant(neg["response"]),
         "seed_id": chain["seed_id"],
@@ -56,7 +59,8 @@ def _pair(chain: dict[str, Any], k: int, j: int, split: str) -> dict[str, Any]:
 
 
 def build_pairs(
-    chain: dict[str, Any], max_negative_gap: int = 1, policy: str = "all", split: str = "train"
+    chain: dict[str, Any], max_negative_gap: int = 1, policy: str = "all", split: str = "train",
+    system_prompt: str | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Pairs (rows of ``schema.PAIRS``) and rejects (rows of ``schema.REJECTS``) of one chain.
 
@@ -73,7 +77,7 @@ def build_pairs(
                     "pair", "identical_responses", f"R{k} and R{j} are the same text",
                     seed_id=seed_id, source=source, level=k, raw=levels[k]["response"]))
                 continue
-            pair = _pair(chain, k, j, split)
+            pair = _pair(chain, k, j, split, system_prompt)
             reason = policy_reason(pair, policy)
             if reason is None:
                 pairs.append(pair)

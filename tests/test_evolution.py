@@ -227,3 +227,14 @@ def test_unused_operations_come_first() -> None:
         used = ("seed", "deepen", "concretize")
         step = pick_step(["deepen", "concretize", "add_reasoning_step"], [], 0, f"s{i}", 3, used)
         assert step.operation == "add_reasoning_step"
+
+
+def test_pair_prompt_carries_the_system_prompt_the_answer_was_generated_with() -> None:
+    pairs, _ = build_pairs(_chain(["R0", "R1"]), system_prompt="Be brief.")
+    assert pairs[0]["prompt"] == [{"role": "system", "content": "Be brief."},
+                                  {"role": "user", "content": "I1"}]
+    eng = ScriptedEngine(lambda r: "ok")
+    settings = ChainSettings.build(EvolutionConfig(), rounds=1, seed=0, answer=Sampling(),
+                                   system_prompt="Be brief.")
+    asyncio.run(ChainScheduler(eng, settings).run(_seeds(1), lambda c: None))
+    assert all(r.messages[0] == {"role": "system", "content": "Be brief."} for r in eng.seen)

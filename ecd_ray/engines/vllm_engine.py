@@ -152,6 +152,10 @@ class VLLMEngine:
         return [r for r in results if r is not None]
 
     def close(self) -> None:
+        """Stop the engine-core process now, not whenever garbage collection gets to it."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
         del self.llm
 
 

@@ -103,6 +103,7 @@ class ChainActor:
         self._written = 0
         self._seq = 0
         self._received = 0
+        self._info: dict[str, Any] | None = None
         self._occupancy: list[tuple[float, int, int, int]] = []
         self._expected: int | None = None
         self._ended = False
@@ -114,7 +115,10 @@ class ChainActor:
     # -- driver-facing methods --------------------------------------------------------------
 
     async def start(self) -> dict[str, Any]:
-        """Build the engine(s) and start scheduling; returns what the manifest records."""
+        """Build the engine(s) and start scheduling; returns what the manifest records.
+        Idempotent: a repeated call (the driver retries across a restart) returns the same."""
+        if self._info is not None:
+            return self._info
         self._queue, self._news, self._flush_lock = asyncio.Queue(), asyncio.Event(), \
             asyncio.Lock()
         cfg, t = self.cfg, self.cfg.teacher
@@ -134,7 +138,7 @@ class ChainActor:
                                         max_chains=s.max_chains_per_actor,
                                         batch_size=t.batch_size)
         self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._timer())]
-        return {
+        self._info = {
             "incarnation": self.incarnation, "pid": os.getpid(), "worker": self.worker,
             "capacity": self.engine.capacity, "max_chains": self.scheduler.max_chains,
             "engine": type(self.engine).__name__,
@@ -142,6 +146,7 @@ class ChainActor:
             "dtype_reason": getattr(self.engine, "dtype_reason", None),
             "start_s": round(time.perf_counter() - started, 1),
         }
+        return self._info
 
     async def submit(self, seeds: list[dict[str, Any]]) -> int:
         """Queue seeds (rows of ``schema.SEEDS``); returns the queue length."""
@@ -154,6 +159,10 @@ class ChainActor:
     async def poll(self, timeout_s: float = 1.0) -> dict[str, Any]:
         """Shards written since the last poll and live counters; waits up to ``timeout_s``
         for news. Raises if the scheduler failed."""
+        if self._news is None:  # not started yet (a poll can overtake start after a restart)
+            await asyncio.sleep(timeout_s)
+            return {"incarnation": None, "shards": [], "in_flight_chains": 0,
+                    "in_flight_requests": 0, "queued": 0, "completion_tokens": 0, "requests": 0}
         if not self._shards and self._error is None:
             try:
                 await asyncio.wait_for(self._news.wait(), timeout_s)
@@ -165,6 +174,7 @@ class ChainActor:
         shards, self._shards = self._shards, []
         st = self.scheduler.stats if self.scheduler else None
         return {
+            "incarnation": self.incarnation,
             "shards": shards,
             "in_flight_chains": st.chains_in_flight if st else 0,
             "in_flight_requests": st.in_flight if st else 0,

@@ -72,14 +72,16 @@ def verify_batch(batch: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema.EVOLUTIONS)
 
 
-def _chain_pairs(batch: pa.Table, pairs: PairsConfig, seed: int, stage: str
+def _chain_pairs(batch: pa.Table, pairs: PairsConfig, seed: int, stage: str,
+                 system_prompt: str | None = None,
                  ) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
     schema.missing_columns(batch, schema.EVOLUTIONS, stage)
     out = []
     for chain in batch.to_pylist():
         split = "heldout" if is_heldout(chain["seed_id"], pairs.holdout_fraction, seed) \
             else "train"
-        out.append(build_pairs(chain, pairs.max_negative_gap, pairs.policy, split))
+        out.append(build_pairs(chain, pairs.max_negative_gap, pairs.policy, split,
+                               system_prompt))
     return out
 
 
@@ -119,9 +121,12 @@ def actor_resources(cfg: RunConfig) -> dict[str, Any]:
     return {"num_cpus": LIGHT_TASK_CPUS, "num_gpus": None, "ray_remote_args_fn": placement}
 
 
-def pairs_batch(batch: pa.Table, pairs: PairsConfig, seed: int) -> pa.Table:
-    """ECD pairs of a batch of verified chains, with their split."""
-    rows = [p for kept, _ in _chain_pairs(batch, pairs, seed, "pair") for p in kept]
+def pairs_batch(batch: pa.Table, pairs: PairsConfig, seed: int,
+                system_prompt: str | None = None) -> pa.Table:
+    """ECD pairs of a batch of verified chains, with their split; each pair's prompt is the
+    conversation its chosen answer was generated from (``system_prompt`` included)."""
+    rows = [p for kept, _ in _chain_pairs(batch, pairs, seed, "pair", system_prompt)
+            for p in kept]
     return pa.Table.from_pylist(rows, schema=schema.PAIRS)
 
 
@@ -175,10 +180,11 @@ def _derive_pairs_and_rejects(cfg: RunConfig, verbose: bool) -> None:
     for target in (run_dir / "pairs", run_dir / "heldout", run_dir / "rejects" / "chains"):
         shutil.rmtree(target, ignore_errors=True)
     args = {"pairs": cfg.pairs, "seed": cfg.seed}
+    pair_args = {**args, "system_prompt": cfg.teacher.system_prompt}
     write_args = {"ray_remote_args": {"num_cpus": LIGHT_TASK_CPUS}}
     evolutions = ray.data.read_parquet(str(run_dir / "evolutions"), num_cpus=LIGHT_TASK_CPUS)
     pairs = evolutions.map_batches(
-        pairs_batch, fn_kwargs=args, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS
+        pairs_batch, fn_kwargs=pair_args, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS
     ).materialize()
     for split, folder in (("train", "pairs"), ("heldout", "heldout")):
         pairs.filter(expr=f"split == '{split}'").write_parquet(str(run_dir / folder),
@@ -291,11 +297,12 @@ class _Actor:
 class _Pool:
     """Feeds seeds to the chain actors, collects their shards, recovers dead actors."""
 
-    def __init__(self, cfg: RunConfig, seeds: Iterator[dict[str, Any]], progress: Progress,
-                 verbose: bool):
+    def __init__(self, cfg: RunConfig, seeds: Iterator[dict[str, Any]], todo: int,
+                 progress: Progress, verbose: bool):
         import ray
 
         self.cfg = cfg
+        self.todo = todo
         self.run_dir = cfg.run_dir.resolve()
         self.seeds = seeds
         self.retry: deque[dict[str, Any]] = deque()
@@ -339,16 +346,23 @@ class _Pool:
         return out
 
     def feed(self) -> None:
-        for actor in self.actors:
-            # Keep the actor's scheduler full: its chains in flight plus a unit queued.
-            target = actor.info["max_chains"] + SUBMIT_UNIT
-            while len(actor.outstanding) < target:
-                batch = self._take(min(SUBMIT_UNIT, target - len(actor.outstanding)))
+        """Top every actor up to its chains in flight plus one unit queued, a unit at a time
+        in turn, so a small run still spreads over every actor."""
+        unit = max(1, min(SUBMIT_UNIT, -(-self.todo // len(self.actors))))
+        progress = True
+        while progress:
+            progress = False
+            for actor in self.actors:
+                target = actor.info["max_chains"] + unit
+                if len(actor.outstanding) >= target:
+                    continue
+                batch = self._take(min(unit, target - len(actor.outstanding)))
                 if not batch:
                     break
                 actor.outstanding.update((s["seed_id"], s) for s in batch)
                 actor.submitted += len(batch)
                 actor.handle.submit.remote(batch)
+                progress = True
         if self.exhausted and not self.retry:
             for actor in self.actors:
                 if not actor.ended:
@@ -374,6 +388,12 @@ class _Pool:
                 continue
             except ray.exceptions.RayError as exc:
                 self._recover(actor, exc)
+                continue
+            if report["incarnation"] != actor.info["incarnation"]:
+                # Ray restarted the actor (a call in flight may report that only as
+                # "unavailable"): this process has not seen our seeds.
+                self._recover(actor, RuntimeError(f"actor restarted (incarnation "
+                                                  f"{report['incarnation']})"))
                 continue
             self._apply(actor, report)
             actor.poll = actor.handle.poll.remote()
@@ -408,15 +428,23 @@ class _Pool:
                 f"chain actor {actor.index} failed {actor.restarts} times (the limit is "
                 f"scheduler.max_actor_restarts={self.cfg.scheduler.max_actor_restarts}); last "
                 f"cause: {cause}. The run is resumable: fix the cause and run the same command")
-        if not isinstance(exc, ray.exceptions.RayActorError):
+        if isinstance(exc, ray.exceptions.RayTaskError):
             ray.kill(actor.handle, no_restart=False)  # the engine failed: a fresh process
-        try:
-            # The new incarnation answering proves the old process is gone.
-            actor.info = ray.get(actor.handle.start.remote(),
-                                 timeout=self.cfg.scheduler.engine_start_timeout_s)
-        except ray.exceptions.RayError as again:
-            raise RuntimeError(f"chain actor {actor.index} could not be restarted: "
-                               f"{str(again).splitlines()[0][:300]}") from again
+        # The new incarnation answering proves the old process is gone. A call sent while Ray
+        # restarts the actor can fail as "unavailable": send it again (start is idempotent).
+        deadline = time.monotonic() + self.cfg.scheduler.engine_start_timeout_s
+        while True:
+            try:
+                actor.info = ray.get(actor.handle.start.remote(),
+                                     timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+            except ray.exceptions.RayError as again:
+                raise RuntimeError(f"chain actor {actor.index} could not be restarted: "
+                                   f"{str(again).splitlines()[0][:300]}") from again
         prefix = shard_prefix(actor.index)
         for path in sorted((self.run_dir / "evolutions").glob(f"{prefix}*.parquet")):
             if path.name not in self.reported:
@@ -497,7 +525,7 @@ def generate(cfg: RunConfig, *, verbose: bool = False) -> dict[str, Any]:
         progress = Progress(total=n_valid, done=already, seed_rejects=rows_read - n_valid)
         started_ray = _init_ray(cfg, verbose)
         if already < n_valid:
-            pool = _Pool(cfg, _todo_seeds(cfg, done), progress, verbose)
+            pool = _Pool(cfg, _todo_seeds(cfg, done), n_valid - already, progress, verbose)
             del done  # the pool needs only the seeds still to do
             timings = _run_chains(cfg, pool)
             pool.stop(flush=False)
