@@ -10,6 +10,7 @@ from conftest import requires_vllm
 
 from ecd_ray.config import SAMPLE_SEEDS, ConfigError, VLLMConfig, load_config
 from ecd_ray.engines.vllm_engine import engine_kwargs
+from ecd_ray.hardware import cpu_info, has_native_bf16
 from ecd_ray.pipeline.generate import actor_resources, generate, replica_bundles
 
 
@@ -59,7 +60,9 @@ def test_vllm_arguments_one_schema_for_cpu_and_gpu() -> None:
     assert gpu["quantization"] == "fp8" and gpu["gpu_memory_utilization"] == 0.85
     assert gpu["dtype"] == "auto"
     cpu = engine_kwargs("/m", VLLMConfig(), dtype="auto", seed=3, on_gpu=False)
-    assert cpu["dtype"] == "bfloat16" and "distributed_executor_backend" not in cpu
+    expected = "bfloat16" if has_native_bf16(cpu_info()["flags"]) else "float32"
+    assert cpu["dtype"] == expected and "distributed_executor_backend" not in cpu
+    assert cpu["enable_prefix_caching"] is True
     assert "gpu_memory_utilization" not in cpu
 
 
