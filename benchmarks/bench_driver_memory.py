@@ -71,6 +71,7 @@ def run(model: Path, seeds: Path, out: Path, n: int) -> dict:
     args = ["generate", f"output_dir={out}", f"run_name=n{n}", f"seeds.path={seeds}",
             f"teacher.model={model}", "teacher.engine=transformers", "teacher.dtype=float32",
             "rounds=1", "teacher.max_new_tokens=2", "teacher.batch_size=64",
+            "teacher.temperature=0",  # greedy: the random model's flat logits make top-p slow
             "teacher.num_cpus=1", "ray.num_cpus=2", "pairs.policy=all"]
     proc = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True,
                           text=True, cwd=ROOT)

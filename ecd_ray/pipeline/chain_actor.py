@@ -248,8 +248,10 @@ class ChainActor:
                 st = self.scheduler.stats
                 self._occupancy.append((round(time.time(), 3), st.in_flight,
                                         st.chains_in_flight, st.completion_tokens))
-            if self._oldest is not None and time.monotonic() - self._oldest >= wait:
-                await self._flush()
+            idle = self._queue is not None and self._queue.empty() and \
+                self.scheduler is not None and self.scheduler.stats.chains_in_flight == 0
+            if self._oldest is not None and (idle or time.monotonic() - self._oldest >= wait):
+                await self._flush()  # old enough, or nothing else to wait for
 
     async def _flush(self) -> None:
         async with self._flush_lock:

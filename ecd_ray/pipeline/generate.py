@@ -346,14 +346,17 @@ class _Pool:
         return out
 
     def feed(self) -> None:
-        """Top every actor up to its chains in flight plus one unit queued, a unit at a time
-        in turn, so a small run still spreads over every actor."""
+        """Top every actor up to its chains in flight, a shard's worth of finished chains and
+        one unit queued, a unit at a time in turn, so a small run still spreads over every
+        actor."""
         unit = max(1, min(SUBMIT_UNIT, -(-self.todo // len(self.actors))))
         progress = True
         while progress:
             progress = False
             for actor in self.actors:
-                target = actor.info["max_chains"] + unit
+                # chains in flight + a full shard's worth finished and waiting for its flush
+                # + one unit queued: the actor never idles waiting for a flush.
+                target = actor.info["max_chains"] + self.cfg.scheduler.flush_rows + unit
                 if len(actor.outstanding) >= target:
                     continue
                 batch = self._take(min(unit, target - len(actor.outstanding)))
