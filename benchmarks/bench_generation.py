@@ -214,7 +214,8 @@ def plot(record: dict[str, Any], path: Path) -> None:
     ax1.set_xlim(0, max(rates + [1]) * 1.45)
     s = record["settings"]
     ax1.set_xlabel("output tokens/s (engine start excluded)")
-    ax1.set_title(f"{s['seeds']} seeds x {s['rounds'] + 1} levels, <= {s['max_new_tokens']} "
+    n_seeds = record["pipeline_continuous"].get("chains") or s["seeds"]
+    ax1.set_title(f"{n_seeds} seeds x {s['rounds'] + 1} levels, <= {s['max_new_tokens']} "
                   f"new tokens, {record['engine']['dtype']}, {record['cpu']['model'][:40]}",
                   fontsize=9)
     cap = record["engine"]["max_num_seqs"]
@@ -226,7 +227,9 @@ def plot(record: dict[str, Any], path: Path) -> None:
     ax2.axhline(cap, color="k", ls="--", lw=0.8, label=f"max_num_seqs={cap}")
     ax2.set_xlabel("seconds since the chain phase started")
     ax2.set_ylabel("requests in flight")
-    ax2.set_ylim(0, cap * 1.1)
+    # requests beyond max_num_seqs wait in vLLM's queue: still in flight for the scheduler
+    peak = max([o["requests"] for _, r, _ in (runs[0], runs[2]) for o in r["occupancy"]] or [0])
+    ax2.set_ylim(0, max(cap, peak) * 1.1)
     ax2.legend(fontsize=8, loc="upper right")
     ax2.set_title("engine occupancy (sampled every 0.5 s by the chain actor)", fontsize=9)
     fig.tight_layout()
@@ -297,7 +300,8 @@ def main() -> int:
             "pipeline_lockstep": "(c) as (a) with scheduler.mode=lockstep "
                                  "teacher.batch_size=16",
         },
-        "settings": {"seeds": args.seeds, "seed_file": cfg.seeds.path, "rounds": args.rounds,
+        "settings": {"seeds": args.seeds,  # requested; the chains run: pipeline_*.chains
+                     "seed_file": cfg.seeds.path, "rounds": args.rounds,
                      "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                      "top_p": cfg.teacher.top_p, "model": args.model,
                      "evolution_mode": "template", "seed": args.seed},
