@@ -24,10 +24,12 @@ Stage contracts:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
 import shutil
+import socket
 import sys
 import time
 from collections import deque
@@ -239,6 +241,44 @@ def _log_to_file(run_dir: Path) -> logging.Handler:
     return handler
 
 
+ACTORS_FILE = "actors.json"  # the chain actors' pids, so a resumed run can wait for them
+
+
+def _record_actor(run_dir: Path, info: dict[str, Any]) -> None:
+    """Remember an actor process (this host's pid) that writes into ``run_dir``."""
+    path = run_dir / ACTORS_FILE
+    known = json.loads(path.read_text()) if path.is_file() else []
+    known.append({"host": socket.gethostname(), "pid": info["pid"]})
+    path.write_text(json.dumps(known))
+
+
+def _is_chain_actor(pid: int) -> bool:
+    try:
+        return b"ChainActor" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _wait_for_old_actors(run_dir: Path, timeout_s: float = 60.0) -> None:
+    """A run killed with its driver can leave chain actors that still flush a shard for a few
+    seconds; resuming before they are gone would write those seeds twice. Wait for them."""
+    path = run_dir / ACTORS_FILE
+    if not path.is_file():
+        return
+    host = socket.gethostname()
+    pids = [a["pid"] for a in json.loads(path.read_text()) if a.get("host") == host]
+    deadline = time.monotonic() + timeout_s
+    if alive := [p for p in pids if _is_chain_actor(p)]:
+        log.warning("waiting for chain actor(s) %s of the earlier run to exit", alive)
+    while (alive := [p for p in pids if _is_chain_actor(p)]):
+        if time.monotonic() > deadline:
+            raise FileExistsError(
+                f"chain actor process(es) {alive} of an earlier run still write into {run_dir};"
+                " wait for them to exit (or stop them by pid), then run the same command again")
+        time.sleep(0.5)
+    path.unlink()
+
+
 def _write_table(rows: list[dict[str, Any]], sch: pa.Schema, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -330,6 +370,7 @@ class _Pool:
         infos = ray.get(refs, timeout=self.cfg.scheduler.engine_start_timeout_s)
         for actor, info in zip(self.actors, infos, strict=True):
             actor.info = info
+            _record_actor(self.run_dir, info)
             actor.poll = actor.handle.poll.remote()
             log.info("chain actor %d ready: %s", actor.index, info)
 
@@ -445,6 +486,7 @@ class _Pool:
                                timeout=max(1.0, deadline - time.monotonic()))
                 if info["incarnation"] != old:
                     actor.info = info
+                    _record_actor(self.run_dir, info)
                     break
             except ray.exceptions.ActorUnavailableError:
                 pass
@@ -531,6 +573,8 @@ def generate(cfg: RunConfig, *, verbose: bool = False) -> dict[str, Any]:
     rows_read = n_valid = 0
     timings: dict[str, float] = {}
     try:
+        if resume:
+            _wait_for_old_actors(cfg.run_dir)
         rows_read, n_valid = _write_seed_rejects(cfg)
         done = mf.done_seed_ids(cfg.run_dir / "evolutions") if resume else set()
         already = len(done)
