@@ -3,6 +3,7 @@
     python benchmarks/bench_generation.py                     # 64 bundled seeds, 192 tokens
     python benchmarks/bench_generation.py --seeds 128 --max-new-tokens 256 --dtype float32
     python benchmarks/bench_generation.py --seeds 6 --max-new-tokens 32 --out /tmp/g.json
+    python benchmarks/bench_generation.py --seeds 360 --framings 3 --max-new-tokens 128
 
 Same seeds (the bundled sample), same sampling, same engine (vLLM, CPU build on a CPU
 machine; dtype chosen by the hardware unless --dtype), measured one after the other in this
@@ -45,6 +46,31 @@ HERE = Path(__file__).resolve().parent
 FLAGS = ("avx512_bf16", "amx_bf16", "avx512f", "avx2")
 
 
+# Framings that turn one bundled seed into several distinct seeds (--framings N > 1): the
+# bundled sample holds 120 seeds, and a run whose chains all fit in the engine at once never
+# reaches a steady state. A throughput seed set, not a data set.
+FRAMINGS = ("", "Explain it for a high-school student. ", "Write for a busy professional. ",
+            "Keep a friendly, informal tone. ", "Aim it at an expert reader. ",
+            "Write as if for a company newsletter. ")
+
+
+def seed_file(args: argparse.Namespace, work: Path) -> Path | None:
+    """The bundled seeds, each under ``args.framings`` framings; None for the bundled file."""
+    if args.framings <= 1:
+        return None
+    from ecd_ray.config import load_config
+    from ecd_ray.seeds import iter_seeds
+
+    bundled = load_config(None, []).seeds
+    path = work / "bench_seeds.jsonl"
+    with path.open("w") as f:
+        for frame in FRAMINGS[: args.framings]:
+            for seed, _ in iter_seeds(bundled):
+                if seed is not None:
+                    f.write(json.dumps({"instruction": f"{frame}{seed['instruction']}"}) + "\n")
+    return path
+
+
 def overrides(args: argparse.Namespace) -> list[str]:
     """The config of run (a); (c) adds the lock-step settings."""
     out = [f"seeds.limit={args.seeds}", f"rounds={args.rounds}", "teacher.engine=vllm",
@@ -54,6 +80,8 @@ def overrides(args: argparse.Namespace) -> list[str]:
            "evolution.mode=template", f"seed={args.seed}", "overwrite=true"]
     if args.max_num_seqs is not None:
         out.append(f"teacher.vllm.max_num_seqs={args.max_num_seqs}")
+    if getattr(args, "seed_path", None) is not None:
+        out.append(f"seeds.path={args.seed_path}")
     return out
 
 
@@ -241,6 +269,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=64, help="bundled sample seeds")
+    ap.add_argument("--framings", type=int, default=1, choices=range(1, len(FRAMINGS) + 1),
+                    help="seed set: every bundled seed under this many framings (1 = the "
+                         "bundled file; 4 = 480 distinct seeds)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--temperature", type=float, default=0.7)
@@ -270,6 +301,8 @@ def main() -> int:
     work = args.keep_runs or Path(tempfile.mkdtemp(prefix="bench_generation-"))
     work.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)
+    args.seed_path = seed_file(args, work)
+    cfg = load_config(None, overrides(args))
     try:
         a = run_pipeline("continuous", [], args, work)
         b = run_ceiling(work / "continuous", args, work)
@@ -279,7 +312,6 @@ def main() -> int:
         if args.keep_runs is None:
             shutil.rmtree(work, ignore_errors=True)
 
-    cfg = load_config(None, overrides(args))
     cpu = cpu_info()
 
     def ratio(x: dict[str, Any], y: dict[str, Any]) -> float | None:
@@ -301,10 +333,12 @@ def main() -> int:
                                  "teacher.batch_size=16",
         },
         "settings": {"seeds": args.seeds,  # requested; the chains run: pipeline_*.chains
-                     "seed_file": cfg.seeds.path, "rounds": args.rounds,
+                     "seed_file": (cfg.seeds.path if args.framings <= 1 else
+                                   f"bundled sample x {args.framings} framings"), "rounds": args.rounds,
                      "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                      "top_p": cfg.teacher.top_p, "model": args.model,
-                     "evolution_mode": "template", "seed": args.seed},
+                     "evolution_mode": "template", "seed": args.seed,
+                     "framings": list(FRAMINGS[: args.framings])},
         "engine": {
             "engine": "vllm", "max_num_seqs": cfg.teacher.vllm.max_num_seqs,
             "max_model_len": cfg.teacher.vllm.max_model_len,

@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SAMPLE_SEEDS = PACKAGE_DIR / "data" / "sample_seeds.jsonl"
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+# The second bundled model (Gemma 3 270M base): the weaker APC responder of the default.
+GEMMA_MODEL = "embedded:gemma3-270m"
 
 EVOLUTION_OPERATIONS = (
     "add_requirement",
@@ -168,6 +171,67 @@ class PairsConfig(_Model):
     policy: Literal["all", "chosen_passes", "verified"] = "chosen_passes"
     # Seeds (by a stable hash) whose pairs go to heldout/ for evaluation, not to pairs/.
     holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    # A chosen answer cut at its token limit would teach the student to stop mid-answer.
+    # reject: the pair goes to rejects/ as chosen_truncated; regenerate: the teacher answers
+    # the level once more with regenerate_max_new_tokens (the pair is rejected if that is cut
+    # too); keep: allow it (not recommended).
+    truncated_chosen: Literal["reject", "regenerate", "keep"] = "reject"
+    # regenerate: the second answer's token budget (None: twice teacher.max_new_tokens).
+    regenerate_max_new_tokens: int | None = Field(None, ge=1)
+    # Curriculum stage edges over the pair difficulty (ecd_ray.curriculum): ascending.
+    stage_edges: list[float] = [0.5, 0.8]
+
+    @field_validator("stage_edges")
+    @classmethod
+    def _ascending(cls, edges: list[float]) -> list[float]:
+        if any(b <= a for a, b in zip(edges, edges[1:])) or any(not 0 < e <= 1 for e in edges):
+            raise ValueError("must be ascending values in (0, 1], e.g. [0.5, 0.8]")
+        return edges
+
+
+class ResponderConfig(EngineConfig):
+    """One APC responder: an engine (every EngineConfig key) with a name and a rank."""
+
+    name: str
+    rank: int = Field(ge=0, description="higher = stronger; the chosen side of a pair")
+    # true: this responder's answers are the teacher's own (no extra engine or requests).
+    from_teacher: bool = False
+
+
+def _default_responders() -> list[ResponderConfig]:
+    return [ResponderConfig(name="teacher", rank=2, from_teacher=True),
+            ResponderConfig(name="gemma3-270m", rank=1, model=GEMMA_MODEL)]
+
+
+class APCConfig(_Model):
+    """Automatic Pair Construction: responders of different strength answer the same prompts.
+
+    Used when ``strategy`` is ``apc`` (every level of every chain is an APC prompt) or
+    ``mixed`` (each evolved level is an APC prompt with probability ``fraction``, by a stable
+    hash, and an ECD prompt otherwise).
+    """
+
+    responders: list[ResponderConfig] = Field(default_factory=_default_responders)
+    # Which rank pairs become pairs: adjacent (rank i over the next lower rank), all (every
+    # higher over every lower), extremes (the strongest over the weakest only).
+    rank_pairs: Literal["adjacent", "all", "extremes"] = "adjacent"
+    # Drop a pair whose weaker side is in fact better. checkers: where the prompt has
+    # checkable requirements, a rejected side that meets more of them than the chosen side.
+    filter: Literal["none", "checkers"] = "checkers"
+    # mixed: the share of evolved levels whose pairs are APC (the rest are ECD).
+    fraction: float = Field(0.5, ge=0.0, le=1.0)
+
+    @field_validator("responders")
+    @classmethod
+    def _ranked(cls, rs: list[ResponderConfig]) -> list[ResponderConfig]:
+        names = [r.name for r in rs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"responder names must be unique (got {names})")
+        if len({r.rank for r in rs}) < 2:
+            raise ValueError("APC needs at least two responders of different rank")
+        if sum(r.from_teacher for r in rs) > 1:
+            raise ValueError("at most one responder can be from_teacher")
+        return rs
 
 
 class SchedulerConfig(_Model):
@@ -205,7 +269,10 @@ class RunConfig(_Model):
     run_name: str = "demo"
     output_dir: str = "out"
     seed: int = 0
-    rounds: int = Field(3, ge=1, le=16)
+    # ecd: pairs from a chain's levels (Rk over R(k-1)); apc: pairs from responders of
+    # different rank on every level's prompt; mixed: both, apc.fraction of the levels APC.
+    strategy: Literal["ecd", "apc", "mixed"] = "ecd"
+    rounds: int = Field(3, ge=0, le=16, description="evolution rounds (0: APC on seeds only)")
     overwrite: bool = False
     seeds: SeedsConfig = SeedsConfig()
     teacher: EngineConfig = EngineConfig()
@@ -214,8 +281,22 @@ class RunConfig(_Model):
     evolver: EngineConfig | None = None
     evolution: EvolutionConfig = EvolutionConfig()
     pairs: PairsConfig = PairsConfig()
+    apc: APCConfig = APCConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _rounds_for_ecd(self) -> RunConfig:
+        if self.strategy in ("ecd", "mixed") and self.rounds == 0:
+            raise ValueError("strategy ecd/mixed needs rounds >= 1 (ECD pairs an evolved level "
+                             "with the level before it); use strategy=apc for seeds only")
+        return self
+
+    def responders(self) -> list[ResponderConfig]:
+        """The APC responders this run uses (none for strategy=ecd), strongest first."""
+        if self.strategy == "ecd":
+            return []
+        return sorted(self.apc.responders, key=lambda r: -r.rank)
 
     @property
     def run_dir(self) -> Path:
@@ -263,6 +344,11 @@ class TrainConfig(_Model):
     max_length: int = Field(1024, ge=2)
     truncation: Literal["keep_end", "keep_start"] = "keep_end"
     bucket_window: int = Field(50, ge=1)
+    # true: every worker trains on the pairs' `stage` (ecd_ray.curriculum) from easy (0) to
+    # hard, every epoch: length-bucketed and shuffled within a stage, never across stages.
+    # Needs the `stage` column (the run fails, saying how to get it, when the pairs lack it).
+    # false: the stages are ignored.
+    curriculum: bool = False
     # distribution
     strategy: Literal["deepspeed", "ddp"] = "deepspeed"
     num_workers: int = Field(2, ge=1)
@@ -280,6 +366,9 @@ class TrainConfig(_Model):
     max_failures: int = Field(1, ge=0)
     resume_from: str | None = None  # a checkpoint folder (default: the run's latest)
     tensorboard: bool = False
+    # each worker appends the pair ids and stage of every micro-batch it trains on, in order,
+    # to <run>/data_log/rank<N>.jsonl (an audit of the data order; tests read it)
+    data_log: bool = False
     ray: RayConfig = RayConfig()
 
     @property

@@ -3,8 +3,10 @@
 A chain starts at the seed I0 and adds one level per round. Each round picks an operation
 reproducibly from (global seed, seed id, level). In ``template`` mode the program appends a
 phrased requirement; in ``teacher`` mode the teacher rewrites the instruction from a prompt
-template (as ECD does). The eliminator rejects failed evolutions; a rejected level ends the
-chain and keeps its earlier levels.
+template (as ECD does). The eliminator rejects failed evolutions, and so does
+:func:`unstated_requirement` when the new instruction does not state every requirement the level
+records (a teacher may drop or change one); a rejected level ends the chain and keeps its earlier
+levels.
 
 :class:`Chain` is a small state machine: ``next_request()`` gives the one engine request the
 chain waits for (an answer, or a rewrite in teacher mode), ``apply(result)`` advances it. It
@@ -23,6 +25,7 @@ from typing import Any
 
 from ecd_ray.config import EvolutionConfig
 from ecd_ray.constraints.catalogue import CATALOGUE, compatible_types
+from ecd_ray.constraints.stated import stated
 from ecd_ray.engines.base import ChatRequest, GenerationResult, Sampling, request_seed
 from ecd_ray.seeds import normalize
 
@@ -124,6 +127,16 @@ def eliminate(previous: str, candidate: str, max_chars: int) -> str | None:
     return None
 
 
+def unstated_requirement(instruction: str, requirements: list[dict[str, Any]]) -> str | None:
+    """What the first of ``requirements`` (level records with ``id`` and ``kwargs_json``) that
+    ``instruction`` does not state is missing, or None when it states them all."""
+    for req in requirements:
+        missing = stated(req["id"], json.loads(req["kwargs_json"]), instruction)
+        if missing is not None:
+            return f"{req['id']}: {missing}"
+    return None
+
+
 def answer_problem(result: GenerationResult) -> str | None:
     """The reason a teacher answer cannot be used, or None."""
     if result.finish_reason == "error" or result.error is not None:
@@ -147,7 +160,36 @@ def _new_level(level: int, instruction: str, step: Step | None, inherited: list[
         "added_text": step.directive if step else None, "requirements": requirements,
         "response": None, "response_source": None, "model": None,
         "prompt_tokens": None, "completion_tokens": None, "finish_reason": None,
+        "apc": None, "responses": [],
     }
+
+
+@dataclass(frozen=True)
+class ResponderSpec:
+    """An APC responder as a chain sees it: a name, a rank and how it samples; a responder
+    ``from_teacher`` reuses the teacher's answer and sends nothing."""
+
+    name: str
+    rank: int
+    model: str
+    sampling: Sampling
+    from_teacher: bool = False
+
+
+def apc_prompt(strategy: str, fraction: float, global_seed: int, seed_id: str, level: int
+               ) -> bool:
+    """Whether level ``level`` of a chain is an APC prompt (its pairs come from responders).
+
+    ``apc``: every level. ``mixed``: an evolved level (>= 1) with probability ``fraction``, by a
+    stable hash of (global seed, seed id, level), so a resumed run assigns it the same way;
+    level 0 stays out, as it has no ECD pair to trade. ``ecd``: none.
+    """
+    if strategy == "apc":
+        return True
+    if strategy != "mixed" or level < 1 or fraction <= 0:
+        return False
+    digest = hashlib.sha256(f"apc:{global_seed}:{seed_id}:{level}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
 
 
 @dataclass(frozen=True)
@@ -161,28 +203,47 @@ class ChainSettings:
     system_prompt: str | None = None
     answer_model: str = "teacher"
     template: str = DEFAULT_TEACHER_TEMPLATE
+    # APC (strategy apc / mixed): the responders, strongest first, and the share of levels
+    strategy: str = "ecd"
+    responders: tuple[ResponderSpec, ...] = ()
+    apc_fraction: float = 0.0
+    # pairs.truncated_chosen=regenerate: a teacher answer cut at its limit is asked once more
+    # with this many new tokens (None: never)
+    regenerate_max_new_tokens: int | None = None
 
     @classmethod
     def build(cls, evolution: EvolutionConfig, *, rounds: int, seed: int, answer: Sampling,
-              system_prompt: str | None = None, answer_model: str = "teacher"
+              system_prompt: str | None = None, answer_model: str = "teacher",
+              strategy: str = "ecd", responders: tuple[ResponderSpec, ...] = (),
+              apc_fraction: float = 0.0, regenerate_max_new_tokens: int | None = None,
               ) -> ChainSettings:
         template = (Path(evolution.prompt_template).read_text(encoding="utf-8")
                     if evolution.prompt_template else DEFAULT_TEACHER_TEMPLATE)
-        return cls(evolution, rounds, seed, answer, system_prompt, answer_model, template)
+        return cls(evolution, rounds, seed, answer, system_prompt, answer_model, template,
+                   strategy, responders, apc_fraction, regenerate_max_new_tokens)
 
     def sampling_json(self) -> str:
-        return json.dumps({
+        out: dict[str, Any] = {
             "answer": self.answer.to_dict() | {"model": self.answer_model},
             "evolution": {"mode": self.evolution.mode,
                           "temperature": self.evolution.temperature,
                           "max_new_tokens": self.evolution.max_new_tokens},
             "seed": self.seed,
-        }, sort_keys=True)
+        }
+        if self.responders:
+            out["apc"] = {"strategy": self.strategy, "fraction": self.apc_fraction,
+                          "responders": [{"name": r.name, "rank": r.rank, "model": r.model,
+                                          "from_teacher": r.from_teacher,
+                                          **r.sampling.to_dict()} for r in self.responders]}
+        if self.regenerate_max_new_tokens:
+            out["regenerate_max_new_tokens"] = self.regenerate_max_new_tokens
+        return json.dumps(out, sort_keys=True)
 
 
 @dataclass(frozen=True)
 class PendingRequest:
-    """The request a chain waits for; ``role`` is "answer" (teacher) or "evolve" (evolver)."""
+    """The request a chain waits for; ``role`` is "answer" (teacher), "evolve" (evolver) or
+    "respond:<name>" (an APC responder)."""
 
     role: str
     request: ChatRequest
@@ -203,6 +264,10 @@ class Chain:
     stop_reason: str | None = None
     _pending: PendingRequest | None = None
     _step: Step | None = None
+    # levels answered once more with a larger budget, and the cut answer each replaced
+    _regenerated: dict[int, GenerationResult] = field(default_factory=dict)
+    # (level, responder) pairs asked already (answered or failed)
+    _responded: set[tuple[int, str]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.levels = [_new_level(0, self.seed["instruction"], None, [])]
@@ -231,6 +296,10 @@ class Chain:
             if last["response"] is None:
                 self._pending = PendingRequest("answer", self._answer_request(last))
                 return self._pending
+            respond = self._respond_request(last)
+            if respond is not None:
+                self._pending = respond
+                return self._pending
             level = last["level"] + 1
             if level > self.settings.rounds:
                 self.stop_reason = "completed"
@@ -254,6 +323,8 @@ class Chain:
             raise RuntimeError(f"chain {self.seed_id}: a result arrived with no request pending")
         if pending.role == "answer":
             self._apply_answer(result)
+        elif pending.role.startswith("respond:"):
+            self._apply_response(pending.role.split(":", 1)[1], result)
         else:
             self._apply_rewrite(result)
 
@@ -266,9 +337,48 @@ class Chain:
 
     def _answer_request(self, lvl: dict[str, Any]) -> ChatRequest:
         rid = f"answer:{self.seed_id}:{lvl['level']}"
-        sampling = Sampling(**{**self.settings.answer.to_dict(),
+        extra: dict[str, Any] = {}
+        if lvl["level"] in self._regenerated:
+            rid += ":regenerate"
+            extra["max_new_tokens"] = self.settings.regenerate_max_new_tokens
+        sampling = Sampling(**{**self.settings.answer.to_dict(), **extra,
                                "seed": request_seed(self.settings.seed, rid)})
         return ChatRequest(rid, self._chat(lvl["instruction"]), sampling)
+
+    def _respond_request(self, lvl: dict[str, Any]) -> PendingRequest | None:
+        """The next APC responder request of an answered level, or None when it has none."""
+        if lvl["apc"] is None:
+            s = self.settings
+            lvl["apc"] = bool(s.responders) and apc_prompt(
+                s.strategy, s.apc_fraction, s.seed, self.seed_id, lvl["level"])
+        if not lvl["apc"]:
+            return None
+        for r in self.settings.responders:
+            if r.from_teacher or (lvl["level"], r.name) in self._responded:
+                continue
+            rid = f"respond:{r.name}:{self.seed_id}:{lvl['level']}"
+            sampling = Sampling(**{**r.sampling.to_dict(),
+                                   "seed": request_seed(self.settings.seed, rid)})
+            return PendingRequest(f"respond:{r.name}",
+                                  ChatRequest(rid, self._chat(lvl["instruction"]), sampling))
+        return None
+
+    def _apply_response(self, name: str, res: GenerationResult) -> None:
+        """An APC responder's answer: kept on the level, or a rejected attempt (the chain
+        goes on either way: one responder's failure costs only its pairs)."""
+        lvl = self.levels[-1]
+        self._responded.add((lvl["level"], name))
+        problem = answer_problem(res)
+        if problem is not None:
+            detail = res.text if res.finish_reason != "error" else (res.error or "")
+            self.attempts.append({"level": lvl["level"], "operation": f"respond:{name}",
+                                  "candidate": detail, "reason": problem})
+            return
+        spec = next(r for r in self.settings.responders if r.name == name)
+        lvl["responses"].append({
+            "responder": name, "rank": spec.rank, "model": spec.model, "response": res.text,
+            "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
+            "finish_reason": res.finish_reason})
 
     def _evolve_request(self, level: int, step: Step) -> ChatRequest:
         rid = f"evolve:{self.seed_id}:{level}"
@@ -282,6 +392,16 @@ class Chain:
 
     def _apply_answer(self, res: GenerationResult) -> None:
         lvl = self.levels[-1]
+        level = lvl["level"]
+        if res.finish_reason == "length" and self.settings.regenerate_max_new_tokens and \
+                level not in self._regenerated and answer_problem(res) is None:
+            # Cut at its limit: ask once more with the larger budget (next_request does).
+            self._regenerated[level] = res
+            self.attempts.append({"level": level, "operation": "answer",
+                                  "candidate": res.text, "reason": "truncated_regenerated"})
+            return
+        if level in self._regenerated and res.finish_reason == "error":
+            res = self._regenerated[level]  # the second try failed: keep the cut answer
         problem = answer_problem(res)
         if problem is not None:
             self.stop_reason = f"answer:{problem}"
@@ -309,13 +429,17 @@ class Chain:
     def _accept_rewrite(self, level: int, step: Step, candidate: str) -> None:
         before = self.levels[-1]["instruction"]
         reason = eliminate(before, candidate, self.settings.evolution.max_instruction_chars)
+        new = _new_level(level, candidate.strip(), step, self.levels[-1]["requirements"])
+        # the level records its requirements (inherited and drawn): the text must state them
+        if reason is None and unstated_requirement(new["instruction"],
+                                                   new["requirements"]) is not None:
+            reason = "requirement_not_stated"
         if reason is not None:
             self.stop_reason = f"evolve:{reason}"
             self.attempts.append({"level": level, "operation": step.operation,
                                   "candidate": candidate, "reason": reason})
             return
-        inherited = self.levels[-1]["requirements"]
-        self.levels.append(_new_level(level, candidate.strip(), step, inherited))
+        self.levels.append(new)
 
     def to_row(self) -> dict[str, Any]:
         """The chain as a ``schema.EVOLUTIONS`` row (answered levels only; no ``worker``)."""

@@ -71,17 +71,20 @@ class SchedulerStats:
 
 
 class ChainScheduler:
-    """Runs chains through a teacher (and optionally a separate evolver) engine.
+    """Runs chains through a teacher engine, optionally a separate evolver engine, and the
+    APC responders' engines (``responders``: name -> engine).
 
     ``on_done(chain)`` is called for every finished chain, in the order chains finish.
     """
 
     def __init__(self, engine: AsyncEngine, settings: ChainSettings, *,
-                 evolver: AsyncEngine | None = None, mode: Mode = "continuous",
+                 evolver: AsyncEngine | None = None,
+                 responders: dict[str, AsyncEngine] | None = None, mode: Mode = "continuous",
                  max_chains: int | None = None, batch_size: int = 16,
                  clock: Callable[[], float] = time.perf_counter):
         self.engine = engine
         self.evolver = evolver or engine
+        self.responders = responders or {}
         self.settings = settings
         self.mode = mode
         # Enough chains to keep the engine full: each chain has at most one request in flight.
@@ -95,7 +98,12 @@ class ChainScheduler:
         return Chain(seed, self.settings)
 
     async def _send(self, pending: PendingRequest) -> GenerationResult:
-        engine = self.engine if pending.role == "answer" else self.evolver
+        if pending.role == "answer":
+            engine = self.engine
+        elif pending.role.startswith("respond:"):
+            engine = self.responders[pending.role.split(":", 1)[1]]
+        else:
+            engine = self.evolver
         self.stats.sent()
         try:
             res = await engine.agenerate(pending.request)

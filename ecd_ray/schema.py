@@ -33,6 +33,19 @@ SEEDS = pa.schema(
     ]
 )
 
+# One APC responder's answer to a level's instruction.
+RESPONSE = pa.struct(
+    [
+        ("responder", pa.string()),  # apc.responders[].name
+        ("rank", pa.int32()),  # higher = stronger
+        ("model", pa.string()),
+        ("response", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("finish_reason", pa.string()),  # "stop" or "length"
+    ]
+)
+
 LEVEL = pa.struct(
     [
         ("level", pa.int32()),
@@ -49,6 +62,11 @@ LEVEL = pa.struct(
         # the verify stage: this level's answer against each of its requirements, in order
         ("passes", pa.list_(pa.bool_())),
         ("passes_loose", pa.list_(pa.bool_())),
+        # APC: whether this level's prompt gives APC pairs (strategy apc/mixed), and the
+        # responders' answers (the teacher's own, when a responder is from_teacher, is
+        # `response` above and is not repeated here)
+        ("apc", pa.bool_()),
+        ("responses", pa.list_(RESPONSE)),
     ]
 )
 
@@ -82,9 +100,13 @@ PAIRS = pa.schema(
         ("chosen", CONVERSATION),
         ("rejected", CONVERSATION),
         ("seed_id", pa.string()),
-        ("strategy", pa.string()),  # "ecd": chosen = Rk, rejected = R(k-j)
-        ("chosen_level", pa.int32()),
+        # "ecd": chosen = Rk, rejected = R(k-j) (same teacher); "apc": chosen and rejected
+        # answer the same prompt, from responders of different rank (stronger = chosen)
+        ("strategy", pa.string()),
+        ("chosen_level", pa.int32()),  # apc: the level of the prompt, both sides
         ("rejected_level", pa.int32()),
+        ("chosen_rank", pa.int32()),  # apc: the responders' ranks (higher = stronger); ecd: null
+        ("rejected_rank", pa.int32()),
         ("operation", pa.string()),  # the operation that produced the chosen level
         ("requirements", pa.list_(REQUIREMENT)),  # requirements of the chosen level
         ("chosen_model", pa.string()),
@@ -97,6 +119,11 @@ PAIRS = pa.schema(
         ("chosen_missed", pa.int32()),
         ("rejected_missed", pa.int32()),
         ("hard_negative_verified", pa.bool_()),
+        # the rejected side was cut at its token limit: a weaker contrast than a finished answer
+        ("rejected_truncated", pa.bool_()),
+        # curriculum (ecd_ray.curriculum): 0 = easiest .. 1 = hardest, and its stage (0 first)
+        ("difficulty", pa.float32()),
+        ("stage", pa.int32()),
         ("split", pa.string()),  # "train", or "heldout" for evaluation seeds
     ]
 )

@@ -62,7 +62,7 @@ def test_missing_seeds_file(tmp_path: Path) -> None:
 
 def test_all_problems_reported_at_once(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(None, ["rounds=0", "teacher.temprature=1", f"seeds.path={tmp_path}/x.jsonl"])
+        load_config(None, ["rounds=-1", "teacher.temprature=1", f"seeds.path={tmp_path}/x.jsonl"])
     problems = info.value.problems
     assert len(problems) == 2  # path checks run only once the types are valid
     assert any("rounds" in p for p in problems)

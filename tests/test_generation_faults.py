@@ -38,7 +38,9 @@ def _args(tmp_path: Path, model: Path, name: str, *extra: str) -> list[str]:
         "teacher.max_new_tokens=48", "teacher.min_new_tokens=48", "teacher.temperature=1.0",
         "teacher.dtype=float32",
         "teacher.batch_size=2", "scheduler.max_chains_per_actor=2", "scheduler.flush_rows=3",
-        "scheduler.flush_seconds=2", "ray.num_cpus=2", "pairs.policy=all", *extra,
+        "scheduler.flush_seconds=2", "ray.num_cpus=2", "pairs.policy=all",
+        # a random tiny model never stops on its own: keep its cut answers as pairs
+        "pairs.truncated_chosen=keep", *extra,
     ]
 
 

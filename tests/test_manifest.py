@@ -47,6 +47,7 @@ def pair(seed_id: str, chosen: int, verified: bool, missed: int, reqs: list[str]
         "rejected_finish_reason": "stop", "chosen_passes": [True] * len(reqs),
         "rejected_passes": [False] * len(reqs), "chosen_missed": 0, "rejected_missed": missed,
         "hard_negative_verified": verified, "split": split,
+        "difficulty": 1.0 / (1 + missed), "stage": 1 if missed else 2,
     }
 
 
@@ -153,6 +154,8 @@ def test_finish_counts_and_extra(run: RunConfig) -> None:
         "answered_levels_per_chain": {1: 2, 2: 3, 3: 1},
         "pairs": 3,
         "pairs_per_chosen_level": {1: 2, 2: 1},
+        "pairs_per_strategy": {"ecd": 3},
+        "pairs_per_stage": {1: 2, 2: 1},  # missed 1, 1 and 0
         "heldout_pairs": 1,
         "rejects": {"seed:invalid_json": 1, "seed:duplicate_id": 1, "pair:no_pairs": 1},
         # s1 100+110+120, s2 50 (+ a null), s3 7, s4 20+30 twice, s5 3

@@ -25,7 +25,9 @@ def _run(tmp_path: Path, model: Path, name: str, seeds: Path, *extra: str) -> di
         f"run_name={name}", f"output_dir={tmp_path}", f"seeds.path={seeds}",
         f"teacher.model={model}", f"rounds={ROUNDS}", "teacher.max_new_tokens=12",
         "teacher.min_new_tokens=4", "teacher.batch_size=4", "teacher.num_cpus=1",
-        "teacher.temperature=1.0", "ray.num_cpus=2", "scheduler.flush_rows=4", *extra,
+        "teacher.temperature=1.0", "ray.num_cpus=2", "scheduler.flush_rows=4",
+        # a random tiny model rarely stops on its own: keep its cut answers as pairs
+        "pairs.truncated_chosen=keep", *extra,
     ])
     return generate(cfg)
 
@@ -65,7 +67,8 @@ def check_run(run_dir: Path, n_seeds: int) -> list[dict[str, Any]]:
     # Every candidate pair is written or rejected with its reason.
     expected_pairs = sum(max(0, c["num_levels"] - 1) for c in chains.values())
     refused = sum(1 for r in rejects if r["reason"] in (
-        "identical_responses", "chosen_fails_requirements", "negative_not_verified"))
+        "identical_responses", "chosen_fails_requirements", "negative_not_verified",
+        "chosen_truncated"))
     assert len(pairs) == expected_pairs - refused
     for p in pairs:  # the pair policy held
         policy = manifest["config"]["pairs"]["policy"]
@@ -198,3 +201,45 @@ def test_resume_refuses_a_changed_config(tmp_path: Path, tiny_model: Path) -> No
                                                        "config_hash": "something-else"}))
     with pytest.raises(FileExistsError, match="different config"):
         _run(tmp_path, tiny_model, "a", SAMPLE_SEEDS, "teacher.engine=transformers")
+
+
+def test_mixed_ecd_and_apc_pipeline(tmp_path: Path, tiny_model: Path) -> None:
+    """strategy=mixed through the real pipeline: the teacher (rank 2) and a second real
+    engine (rank 1, another sampling of the tiny model: ranks are labels here; which model is
+    stronger is measured in benchmarks/) in one chain actor; both kinds of pairs in one
+    schema, each checked against the chain it came from, and every seed accounted for."""
+    extra = ["teacher.engine=transformers", "teacher.dtype=float32", "seeds.limit=10",
+             "strategy=mixed", "apc.fraction=0.5", "apc.filter=none", "pairs.policy=all",
+             "apc.responders=[{name: teacher, rank: 2, from_teacher: true}, {name: weak, "
+             f"rank: 1, model: '{tiny_model}', engine: transformers, dtype: float32, "
+             "temperature: 1.5, max_new_tokens: 6, min_new_tokens: 6}]"]
+    manifest = _run(tmp_path, tiny_model, "mix", SAMPLE_SEEDS, *extra)
+    assert manifest["accounting"]["ok"], manifest["accounting"]
+    run_dir = tmp_path / "mix"
+    chains = {c["seed_id"]: c for c in _table(run_dir / "evolutions")}
+    pairs = _table(run_dir / "pairs") + _table(run_dir / "heldout")
+    assert len(chains) == 10
+    by = {s: [p for p in pairs if p["strategy"] == s] for s in ("ecd", "apc")}
+    assert by["ecd"] and by["apc"]
+    assert manifest["counts"]["pairs_per_strategy"] == {
+        s: sum(p["split"] == "train" for p in v) for s, v in by.items() if any(
+            p["split"] == "train" for p in v)}
+    apc_levels = {(sid, lvl["level"]) for sid, c in chains.items() for lvl in c["levels"]
+                  if lvl["apc"]}
+    for p in by["apc"]:
+        lvl = chains[p["seed_id"]]["levels"][p["chosen_level"]]
+        assert lvl["apc"] and p["rejected_level"] == p["chosen_level"]
+        assert (p["chosen_rank"], p["rejected_rank"]) == (2, 1)
+        assert p["chosen"][0]["content"] == lvl["response"]
+        weak = [r for r in lvl["responses"] if r["responder"] == "weak"]
+        assert p["rejected"][0]["content"] == weak[0]["response"]
+        assert weak[0]["completion_tokens"] == 6 and p["rejected_truncated"]
+        assert p["prompt"][-1] == {"role": "user", "content": lvl["instruction"]}
+    for p in by["ecd"]:
+        assert (p["seed_id"], p["chosen_level"]) not in apc_levels
+        assert p["rejected_level"] == p["chosen_level"] - 1
+    for p in pairs:
+        assert 0 < p["difficulty"] <= 1 and p["stage"] in (0, 1, 2)
+    # every APC level of a completed chain got the weak answer (none failed here)
+    assert sum(len(lvl["responses"]) for c in chains.values() for lvl in c["levels"]) \
+        == len(apc_levels)

@@ -166,8 +166,14 @@ class VLLMEngine:
 
 
 def sampling_params(s: Sampling) -> Any:
-    """vLLM ``SamplingParams`` of one request."""
+    """vLLM ``SamplingParams`` of one request.
+
+    ``FINAL_ONLY``: the async engine hands back one output per request, not a cumulative
+    output per step (vLLM's default); ``LLM.chat`` sets the same. With the default, the
+    actor's event loop rebuilt every in-flight answer's text on every decode step.
+    """
     from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
 
     return SamplingParams(
         temperature=s.temperature,
@@ -175,6 +181,7 @@ def sampling_params(s: Sampling) -> Any:
         max_tokens=s.max_new_tokens,
         min_tokens=s.min_new_tokens,
         seed=s.seed,
+        output_kind=RequestOutputKind.FINAL_ONLY,
     )
 
 

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from ecd_ray import schema
 from ecd_ray.config import EngineConfig, RunConfig
 from ecd_ray.engines.base import AsyncEngine, Sampling
-from ecd_ray.evolution import Chain, ChainSettings
+from ecd_ray.evolution import Chain, ChainSettings, ResponderSpec
 from ecd_ray.scheduler import ChainScheduler
 from ecd_ray.verify import annotate_levels
 
@@ -130,11 +130,28 @@ class ChainActor:
             evolver = build_async_engine(cfg.evolver, seed=cfg.seed, scratch=scratch)
         answer = Sampling(temperature=t.temperature, top_p=t.top_p,
                           max_new_tokens=t.max_new_tokens, min_new_tokens=t.min_new_tokens)
+        # APC responders live in this actor beside the teacher and share its resources.
+        specs, self.responders = [], {}
+        for r in cfg.responders():
+            if not r.from_teacher:
+                self.responders[r.name] = build_async_engine(r, seed=cfg.seed, scratch=scratch)
+            specs.append(ResponderSpec(
+                r.name, r.rank, self.engine.model_name if r.from_teacher else r.model,
+                answer if r.from_teacher else Sampling(
+                    temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                    min_new_tokens=r.min_new_tokens), r.from_teacher))
+        regenerate = None
+        if cfg.pairs.truncated_chosen == "regenerate":
+            regenerate = cfg.pairs.regenerate_max_new_tokens or 2 * t.max_new_tokens
         settings = ChainSettings.build(cfg.evolution, rounds=cfg.rounds, seed=cfg.seed,
                                        answer=answer, system_prompt=t.system_prompt,
-                                       answer_model=self.engine.model_name)
+                                       answer_model=self.engine.model_name,
+                                       strategy=cfg.strategy, responders=tuple(specs),
+                                       apc_fraction=cfg.apc.fraction,
+                                       regenerate_max_new_tokens=regenerate)
         s = cfg.scheduler
-        self.scheduler = ChainScheduler(self.engine, settings, evolver=evolver, mode=s.mode,
+        self.scheduler = ChainScheduler(self.engine, settings, evolver=evolver,
+                                        responders=self.responders, mode=s.mode,
                                         max_chains=s.max_chains_per_actor,
                                         batch_size=t.batch_size)
         self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._timer())]
@@ -207,6 +224,8 @@ class ChainActor:
             task.cancel()
         if self.engine is not None:
             self.engine.close()
+        for engine in getattr(self, "responders", {}).values():
+            engine.close()
 
     def pid(self) -> int:
         return os.getpid()

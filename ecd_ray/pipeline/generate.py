@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ecd_ray import schema
-from ecd_ray.config import PairsConfig, RunConfig
+from ecd_ray.config import RunConfig
 from ecd_ray.pairs import build_pairs, is_heldout
 from ecd_ray.pipeline import manifest as mf
 from ecd_ray.pipeline.chain_actor import ChainActor, shard_prefix
@@ -74,16 +74,21 @@ def verify_batch(batch: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema.EVOLUTIONS)
 
 
-def _chain_pairs(batch: pa.Table, pairs: PairsConfig, seed: int, stage: str,
-                 system_prompt: str | None = None,
+def _chain_pairs(batch: pa.Table, cfg: RunConfig, stage: str,
                  ) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
     schema.missing_columns(batch, schema.EVOLUTIONS, stage)
+    pairs = cfg.pairs
+    teacher = next(({"name": r.name, "rank": r.rank} for r in cfg.responders()
+                    if r.from_teacher), None)
     out = []
     for chain in batch.to_pylist():
-        split = "heldout" if is_heldout(chain["seed_id"], pairs.holdout_fraction, seed) \
+        split = "heldout" if is_heldout(chain["seed_id"], pairs.holdout_fraction, cfg.seed) \
             else "train"
-        out.append(build_pairs(chain, pairs.max_negative_gap, pairs.policy, split,
-                               system_prompt))
+        out.append(build_pairs(
+            chain, pairs.max_negative_gap, pairs.policy, split, cfg.teacher.system_prompt,
+            truncated_chosen=pairs.truncated_chosen, teacher=teacher,
+            rank_pairs_how=cfg.apc.rank_pairs, apc_filter=cfg.apc.filter,
+            stage_edges=pairs.stage_edges))
     return out
 
 
@@ -123,19 +128,17 @@ def actor_resources(cfg: RunConfig) -> dict[str, Any]:
     return {"num_cpus": LIGHT_TASK_CPUS, "num_gpus": None, "ray_remote_args_fn": placement}
 
 
-def pairs_batch(batch: pa.Table, pairs: PairsConfig, seed: int,
-                system_prompt: str | None = None) -> pa.Table:
-    """ECD pairs of a batch of verified chains, with their split; each pair's prompt is the
-    conversation its chosen answer was generated from (``system_prompt`` included)."""
-    rows = [p for kept, _ in _chain_pairs(batch, pairs, seed, "pair", system_prompt)
-            for p in kept]
+def pairs_batch(batch: pa.Table, cfg: RunConfig) -> pa.Table:
+    """ECD and APC pairs of a batch of verified chains, with their split; each pair's prompt
+    is the conversation its answers were generated from (the system prompt included)."""
+    rows = [p for kept, _ in _chain_pairs(batch, cfg, "pair") for p in kept]
     return pa.Table.from_pylist(rows, schema=schema.PAIRS)
 
 
-def rejects_batch(batch: pa.Table, pairs: PairsConfig, seed: int) -> pa.Table:
-    """Rejects of a batch of chains: failed evolutions/answers, pairs the policy refused,
-    identical answers, pairless seeds."""
-    rows = [r for _, rejected in _chain_pairs(batch, pairs, seed, "rejects") for r in rejected]
+def rejects_batch(batch: pa.Table, cfg: RunConfig) -> pa.Table:
+    """Rejects of a batch of chains: failed evolutions/answers/responses, pairs refused (pair
+    policy, truncated chosen side, APC filter, identical answers), pairless seeds."""
+    rows = [r for _, rejected in _chain_pairs(batch, cfg, "rejects") for r in rejected]
     return pa.Table.from_pylist(rows, schema=schema.REJECTS)
 
 
@@ -181,12 +184,11 @@ def _derive_pairs_and_rejects(cfg: RunConfig, verbose: bool) -> None:
     run_dir = cfg.run_dir.resolve()
     for target in (run_dir / "pairs", run_dir / "heldout", run_dir / "rejects" / "chains"):
         shutil.rmtree(target, ignore_errors=True)
-    args = {"pairs": cfg.pairs, "seed": cfg.seed}
-    pair_args = {**args, "system_prompt": cfg.teacher.system_prompt}
+    args = {"cfg": cfg}
     write_args = {"ray_remote_args": {"num_cpus": LIGHT_TASK_CPUS}}
     evolutions = ray.data.read_parquet(str(run_dir / "evolutions"), num_cpus=LIGHT_TASK_CPUS)
     pairs = evolutions.map_batches(
-        pairs_batch, fn_kwargs=pair_args, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS
+        pairs_batch, fn_kwargs=args, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS
     ).materialize()
     for split, folder in (("train", "pairs"), ("heldout", "heldout")):
         pairs.filter(expr=f"split == '{split}'").write_parquet(str(run_dir / folder),

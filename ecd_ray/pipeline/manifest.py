@@ -212,6 +212,9 @@ def _chain_levels(run_dir: Path) -> tuple[dict[str, list[int]], int]:
     for batch in _batches(run_dir / "evolutions", ["levels"], CHAIN_BATCH_ROWS):
         flat = pc.list_flatten(batch.column(0))  # every level of every chain in the batch
         tokens += int(pc.sum(pc.struct_field(flat, "completion_tokens")).as_py() or 0)
+        if "responses" in flat.type.names:  # APC responders' answers
+            answers = pc.list_flatten(pc.struct_field(flat, "responses"))
+            tokens += int(pc.sum(pc.struct_field(answers, "completion_tokens")).as_py() or 0)
         reqs = pc.struct_field(flat, "requirements")
         counts = pc.fill_null(pc.list_value_length(reqs), 0).to_pylist()
         req_ids = pc.struct_field(pc.list_flatten(reqs), "id").to_pylist()
@@ -294,8 +297,12 @@ def finish(
         levels.update(batch.column(0).to_pylist())
         stops.update(batch.column(1).to_pylist())
     pair_levels: Counter[Any] = Counter()
-    for batch in _batches(run_dir / "pairs", ["chosen_level"]):
+    strategies: Counter[Any] = Counter()
+    stages: Counter[Any] = Counter()
+    for batch in _batches(run_dir / "pairs", ["chosen_level", "strategy", "stage"]):
         pair_levels.update(batch.column(0).to_pylist())
+        strategies.update(batch.column(1).to_pylist())
+        stages.update(batch.column(2).to_pylist())
     heldout = sum(b.num_rows for b in _batches(run_dir / "heldout", ["pair_id"]))
     tally, tokens = _chain_levels(run_dir)
     counts = {
@@ -307,6 +314,8 @@ def finish(
         "answered_levels_per_chain": _sorted_counts(levels),
         "pairs": sum(pair_levels.values()),
         "pairs_per_chosen_level": _sorted_counts(pair_levels),
+        "pairs_per_strategy": dict(strategies),
+        "pairs_per_stage": _sorted_counts(stages),
         "heldout_pairs": heldout,
         "rejects": {f"{stage}:{reason}": n for (stage, reason), n in rejects.items()},
         "completion_tokens": tokens,
