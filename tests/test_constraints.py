@@ -14,14 +14,17 @@ from hypothesis import strategies as st
 from ecd_ray.constraints import (
     CATALOGUE,
     IFEVAL_IDS,
+    STATED_CHECKS,
     RequirementType,
     check_loose,
     check_strict,
     compatible_types,
     conflicts,
+    stated,
 )
 from ecd_ray.constraints import catalogue as cat
 from ecd_ray.constraints import checkers as ck
+from ecd_ray.constraints.stated import numbers as st_numbers
 
 IFEVAL_25 = {
     "keywords:existence": ["keywords"],
@@ -988,3 +991,255 @@ def test_a_real_looking_ifeval_row() -> None:
     got = [check_strict(i, response, kw) for i, kw in zip(ids, kwargs, strict=True)]
     assert got == [True, True, True, False]
     assert re.search("lake", response)
+
+
+# --- statedness: does a (rewritten) instruction state the requirement? ------------------------
+
+S = "Describe the water cycle."  # a seed instruction that states none of the requirements
+SECTION_UP = {"section_spliter": "SECTION", "num_sections": 3}
+NTH_2_OF_3 = {"num_paragraphs": 3, "nth_paragraph": 2, "first_word": "however"}
+
+# (id, kwargs, instruction, stated?): paraphrases a teacher might write, and rewrites that drop
+# the requirement or change one of its values
+STATED_CASES = [
+    ("keywords:existence", {"keywords": ["garden", "river"]},
+     f"{S} Mention a Garden and the river that runs by it.", True),
+    ("keywords:existence", {"keywords": ["garden", "river"]},
+     f"{S} Mention a garden and the stream that runs by it.", False),
+    ("keywords:frequency", KW_FREQ, f"{S} Use the word 'energy' at least three times.", True),
+    ("keywords:frequency", KW_FREQ, f"{S} Say “energy” 3 or more times.", True),
+    ("keywords:frequency", KW_FREQ, f"{S} Use the word 'energy' at least twice.", False),
+    ("keywords:frequency", KW_FREQ, f"{S} Use the word 'energy' exactly 3 times.", False),
+    ("keywords:frequency", KW_FREQ, f"{S} Use the word 'energy' no more than 3 times.", False),
+    ("keywords:frequency", KW_FREQ_LT, f"{S} Use 'energy' fewer than two times.", True),
+    ("keywords:frequency", KW_FREQ_LT, f"{S} Use 'energy' at least twice.", False),
+    ("keywords:forbidden_words", {"forbidden_words": ["very", "just"]},
+     f'{S} Avoid the words "very" and "just".', True),
+    ("keywords:forbidden_words", {"forbidden_words": ["very", "just"]},
+     f'{S} Avoid the word "very".', False),
+    ("keywords:letter_frequency", LETTER_E, f"{S} The letter 'e' must appear at least 3 times.",
+     True),
+    ("keywords:letter_frequency", LETTER_Z, f"{S} Use the letter z fewer than 2 times.", True),
+    ("keywords:letter_frequency", LETTER_Z, f"{S} Use the letter x fewer than 2 times.", False),
+    ("keywords:letter_frequency", LETTER_Z, f"{S} Use the letter z at least 2 times.", False),
+    ("language:response_language", {"language": "fr"}, f"{S} Respond only in french.", True),
+    ("language:response_language", {"language": "fa"}, f"{S} Write it in Farsi.", True),
+    ("language:response_language", {"language": "fr"}, f"{S} Respond only in Spanish.", False),
+    ("length_constraints:number_sentences", {"num_sentences": 5, "relation": "at least"},
+     f"{S} Write no fewer than five sentences.", True),
+    ("length_constraints:number_sentences", {"num_sentences": 10, "relation": "less than"},
+     f"{S} Keep it under 10 sentences.", True),
+    ("length_constraints:number_sentences", {"num_sentences": 5, "relation": "at least"},
+     f"{S} Write five sentences.", False),
+    ("length_constraints:number_sentences", {"num_sentences": 10, "relation": "less than"},
+     f"{S} Write at least 10 sentences.", False),
+    ("length_constraints:number_paragraphs", {"num_paragraphs": 3},
+     f"{S} Use three paragraphs separated by ***.", True),
+    ("length_constraints:number_paragraphs", {"num_paragraphs": 3},
+     f"{S} Use three paragraphs.", False),
+    ("length_constraints:number_paragraphs", {"num_paragraphs": 3},
+     f"{S} Use 4 paragraphs separated by *** and 3 bullet points.", False),
+    ("length_constraints:number_words", {"num_words": 250, "relation": "less than"},
+     f"{S} Your answer must be less than two hundred and fifty words.", True),
+    ("length_constraints:number_words", {"num_words": 80, "relation": "at least"},
+     f"{S} Write 80+ words.", True),
+    ("length_constraints:number_words", {"num_words": 250, "relation": "less than"},
+     f"{S} Your answer must be less than 200 words.", False),
+    ("length_constraints:nth_paragraph_first_word", NTH_2_OF_3,
+     f"{S} Write 3 paragraphs separated by blank lines; the second paragraph starts with "
+     "'However'.", True),
+    ("length_constraints:nth_paragraph_first_word", NTH_2_OF_3,
+     f"{S} Write three paragraphs. Paragraph 2 must begin with however.", True),
+    ("length_constraints:nth_paragraph_first_word", NTH_2_OF_3,
+     f"{S} Write 3 paragraphs; the third paragraph starts with 'However'.", False),
+    ("length_constraints:nth_paragraph_first_word", NTH_2_OF_3,
+     f"{S} Write 3 paragraphs; the second paragraph starts with 'Moreover'.", False),
+    ("detectable_content:number_placeholders", {"num_placeholders": 2},
+     f"{S} Leave two placeholders in square brackets such as [name].", True),
+    ("detectable_content:number_placeholders", {"num_placeholders": 1},
+     f"{S} Leave a placeholder like [name] for the reader.", True),
+    ("detectable_content:number_placeholders", {"num_placeholders": 2},
+     f"{S} Leave two placeholders for the reader.", False),
+    ("detectable_content:postscript", {"postscript_marker": "P.S."},
+     f"{S} Add a p.s. at the end.", True),
+    ("detectable_content:postscript", {"postscript_marker": "P.P.S"},
+     f"{S} End with a postscript starting with P.P.S.", True),
+    ("detectable_content:postscript", {"postscript_marker": "P.S."},
+     f"{S} End with a postscript starting with P.P.S.", False),
+    ("detectable_content:postscript", {"postscript_marker": "P.S."},
+     f"{S} End with a short postscript.", False),
+    ("detectable_format:number_bullet_lists", {"num_bullets": 4},
+     f"{S} Give exactly four markdown bullet points.", True),
+    ("detectable_format:number_bullet_lists", {"num_bullets": 4},
+     f"{S} Give exactly four points.", False),
+    ("detectable_format:number_bullet_lists", {"num_bullets": 4},
+     f"{S} Use three bullet points, like:\n* point 4", False),
+    ("detectable_format:constrained_response", {},
+     'Is it wet? Answer "My answer is yes.", "My answer is no." or "My answer is maybe."', True),
+    ("detectable_format:constrained_response", {}, "Is it wet? Answer yes or no.", False),
+    ("detectable_format:number_highlighted_sections", {"num_highlights": 2},
+     f"{S} Highlight at least 2 sections with markdown.", True),
+    ("detectable_format:number_highlighted_sections", {"num_highlights": 2},
+     f"{S} Italicize two key phrases, like *this*.", True),
+    ("detectable_format:number_highlighted_sections", {"num_highlights": 2},
+     f"{S} Highlight three sections with markdown.", False),
+    ("detectable_format:multiple_sections", SECTION_UP,
+     f"{S} Use three sections, each starting with SECTION X.", True),
+    ("detectable_format:multiple_sections", SECTION_UP,
+     f"{S} Use three sections, each starting with Section X.", False),  # case matters
+    ("detectable_format:multiple_sections", SECTION_UP,
+     f"{S} Use sections headed SECTION 1, SECTION 2, SECTION 3.", False),  # labels, no count
+    ("detectable_format:json_format", {}, f"{S} Reply in json.", True),
+    ("detectable_format:json_format", {}, f"{S} Reply in YAML.", False),
+    ("detectable_format:title", {}, f"{S} Add a title like <<Rain>>.", True),
+    ("detectable_format:title", {}, f"{S} Add a title in double angle brackets.", True),
+    ("detectable_format:title", {}, f"{S} Add a title.", False),
+    ("combination:two_responses", {}, f"{S} Give two answers separated by ******.", True),
+    ("combination:two_responses", {}, f"{S} Give two answers separated by a blank line.",
+     False),
+    ("combination:repeat_prompt", {"prompt_to_repeat": S},
+     f"{S} Repeat this request word for word first, then answer it.", True),
+    ("combination:repeat_prompt", {"prompt_to_repeat": S}, f"{S} Answer it first.", False),
+    ("startend:end_checker", {"end_phrase": "Any other questions?"},
+     f'{S} End with the phrase "any other questions?"', True),
+    ("startend:end_checker", {"end_phrase": "Any other questions?"},
+     f'{S} End with the phrase "Any questions?"', False),
+    ("startend:quotation", {}, f"{S} Wrap the answer in double quotes.", True),
+    ("startend:quotation", {}, f"{S} Wrap the answer in a code block.", False),
+    ("change_case:capital_word_frequency", {"capital_frequency": 3,
+                                            "capital_relation": "at least"},
+     f"{S} Use at least 3 words in ALL CAPS.", True),
+    ("change_case:capital_word_frequency", {"capital_frequency": 10,
+                                            "capital_relation": "less than"},
+     f"{S} Use fewer than ten all-capital words.", True),
+    ("change_case:capital_word_frequency", {"capital_frequency": 3,
+                                            "capital_relation": "at least"},
+     f"{S} Use at least 3 words in bold.", False),
+    ("change_case:english_capital", {}, f"{S} Write it all in UPPERCASE English.", True),
+    ("change_case:english_capital", {}, "What is the capital of France? Answer in English.",
+     False),
+    ("change_case:english_capital", {}, f"{S} Use no capital letters.", False),
+    ("change_case:english_lowercase", {}, f"{S} Write it in lower-case English.", True),
+    ("change_case:english_lowercase", {}, f"{S} Write it in English.", False),
+    ("punctuation:no_comma", {}, f"{S} Do not use commas.", True),
+    ("punctuation:no_comma", {}, f"{S} Do not use semicolons.", False),
+    ("ecd:word_count_range", {"min_words": 50, "max_words": 200},
+     f"{S} Write between fifty and two hundred words.", True),
+    ("ecd:word_count_range", {"min_words": 50, "max_words": 200},
+     f"{S} Write between 50 and 150 words.", False),
+    ("ecd:numbered_steps", {"num_steps": 4}, f"{S} Explain it in 4 numbered steps.", True),
+    ("ecd:numbered_steps", {"num_steps": 4}, f"{S} Explain it in 4 steps.", False),
+    ("ecd:markdown_table", {"min_rows": 3}, f"{S} Add a markdown table with 3+ rows.", True),
+    ("ecd:markdown_table", {"min_rows": 3}, f"{S} Add a markdown table.", False),
+    ("ecd:max_sentence_words", {"max_words": 20},
+     f"{S} Keep sentences to 20 words or fewer.", True),
+    ("ecd:max_sentence_words", {"max_words": 20},
+     f"{S} Sentences must not be longer than twenty words.", True),
+    ("ecd:max_sentence_words", {"max_words": 20},
+     f"{S} Sentences must be longer than twenty words.", False),
+    ("ecd:final_summary_line", {"prefix": "Summary:"},
+     f'{S} Finish with a line that starts with "summary:".', True),
+    ("ecd:final_summary_line", {"prefix": "Summary:"}, f"{S} Finish with a summary.", False),
+    ("ecd:starts_with", {"phrase": "In brief"}, f'{S} Start with "In brief".', True),
+    ("ecd:starts_with", {"phrase": "In brief"}, f"{S} Be brief.", False),
+    ("ecd:include_numbers", {"num_numbers": 2}, f"{S} Cite two figures in digits.", True),
+    ("ecd:include_numbers", {"num_numbers": 2}, f"{S} Cite some figures.", False),
+    ("ecd:question_at_end", {}, f"{S} Close by asking the reader a question.", True),
+    ("ecd:question_at_end", {}, "Answer this question: why does it rain?", False),
+    ("ecd:no_first_person", {}, f"{S} Avoid first-person pronouns.", True),
+    ("ecd:no_first_person", {}, f"{S} Avoid jargon.", False),
+    ("ecd:no_first_person", {}, "Describe yourself.", False),
+    ("ecd:markdown_headings", {"num_headings": 3}, f"{S} Use 3 markdown headings.", True),
+    ("ecd:markdown_headings", {"num_headings": 3}, f"{S} Use 2 markdown headings.", False),
+    ("ecd:max_paragraphs", {"max_paragraphs": 4}, f"{S} Use at most four paragraphs.", True),
+    ("ecd:max_paragraphs", {"max_paragraphs": 4}, f"{S} Use four paragraphs.", False),
+    ("ecd:include_examples", {"num_examples": 1},
+     f'{S} Give an example, introduced by "for example".', True),
+    ("ecd:include_examples", {"num_examples": 2}, f"{S} Give two examples.", False),
+]
+
+
+def test_every_catalogue_type_has_a_statedness_check() -> None:
+    assert set(STATED_CHECKS) == set(CATALOGUE)
+    with pytest.raises(KeyError, match="no statedness check"):
+        stated("keywords:nope", {}, S)
+
+
+@pytest.mark.parametrize(("rid", "kwargs", "instruction", "expected"), STATED_CASES)
+def test_stated_cases(rid: str, kwargs: dict, instruction: str, expected: bool) -> None:
+    problem = stated(rid, CATALOGUE[rid].validate_kwargs(kwargs), instruction)
+    assert (problem is None) is expected, problem
+    if problem is not None:
+        assert problem.strip() and "\n" not in problem
+
+
+def test_every_type_has_stated_and_unstated_cases() -> None:
+    for rid in CATALOGUE:
+        outcomes = [exp for r, _, _, exp in STATED_CASES if r == rid]
+        assert True in outcomes and False in outcomes, rid
+
+
+def test_the_seed_alone_states_nothing() -> None:
+    for rid, t in CATALOGUE.items():
+        for seed in range(20):
+            assert stated(rid, t.sample(random.Random(seed)), S) is not None, rid
+
+
+@pytest.mark.parametrize(("text", "values"), [
+    ("two hundred and fifty words", [250]),
+    ("twenty-one, 1,000 and thirty five", [21, 1000, 35]),
+    ("at least twice, a single one", [2, 1, 1, 1]),
+    ("between forty and one hundred forty", [40, 140]),
+    ("3.5 and 12th and 7", [7]),
+])
+def test_numbers_in_instructions(text: str, values: list[int]) -> None:
+    assert sorted(v for v, _ in st_numbers(text)) == sorted(values)
+
+
+@settings(deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["", S + " ", S + "\n\n"]))
+def test_every_template_phrasing_states_its_requirement(seed: int, prefix: str) -> None:
+    """Template mode appends a phrasing; it must pass ``stated`` (this checks both sides)."""
+    for t in CATALOGUE.values():
+        kw = t.sample(random.Random(seed))
+        for i in range(len(t.phrasings)):
+            text = prefix + t.phrase(kw, _Pick(i))
+            assert stated(t.id, kw, text) is None, (t.id, kw, text)
+
+
+def _changed(t: RequirementType, kw: dict, name: str, rng: random.Random) -> dict | None:
+    """``kw`` with kwarg ``name`` changed to another valid value, or None if there is none."""
+    value = kw[name]
+    if isinstance(value, int):
+        new: object = value + 1
+    elif isinstance(value, list):
+        pool = [w for w in (*cat.EXISTENCE_POOL, *cat.FORBIDDEN_POOL) if w not in value]
+        new = [*value[:-1], rng.choice(pool)]
+    else:
+        others = {t.sample(random.Random(s))[name] for s in range(50)} - {value}
+        if not others:
+            return None
+        new = rng.choice(sorted(others))
+    changed = {**kw, name: new}
+    try:
+        return t.validate_kwargs(changed)
+    except ValueError:
+        return None
+
+
+@settings(deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_a_phrasing_does_not_state_changed_values(seed: int) -> None:
+    """A rewrite that keeps the wording but changes a count or a keyword is caught."""
+    rng = random.Random(seed)
+    for t in CATALOGUE.values():
+        if t.id == "combination:repeat_prompt":
+            continue  # its kwarg is the request itself, which the instruction need not quote
+        kw = t.sample(rng)
+        for name in kw:
+            changed = _changed(t, kw, name, rng)
+            if changed is None:
+                continue
+            for i in range(len(t.phrasings)):
+                text = t.phrase(kw, _Pick(i))
+                assert stated(t.id, changed, text) is not None, (t.id, changed, text)

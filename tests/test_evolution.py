@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from dataclasses import dataclass, field
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ecd_ray.config import EVOLUTION_OPERATIONS, EvolutionConfig
-from ecd_ray.constraints.catalogue import CATALOGUE, conflicts
+from ecd_ray.constraints.catalogue import CATALOGUE, compatible_types, conflicts
 from ecd_ray.engines.base import PROMPT_TOO_LONG, ChatRequest, GenerationResult, Sampling, failed
-from ecd_ray.evolution import ChainSettings, eliminate, pick_step
-from ecd_ray.pairs import build_pairs
+from ecd_ray.evolution import Chain, ChainSettings, eliminate, pick_step, unstated_requirement
+from ecd_ray.pairs import build_pairs, chain_rejects
 from ecd_ray.scheduler import ChainScheduler
 from ecd_ray.verify import annotate_levels
 
@@ -153,12 +155,19 @@ def test_chain_template_mode_levels_and_inheritance() -> None:
     assert len({r.sampling.seed for r in eng.seen}) == 7  # per-request sampler seeds
 
 
+def _directive(rewrite_prompt: str) -> str:
+    """The requirement text a default teacher prompt asks the rewriter to add."""
+    found = re.search(r"requirement: (.*)\nDo not answer", rewrite_prompt, flags=re.DOTALL)
+    assert found is not None
+    return found.group(1)
+
+
 def test_chain_teacher_mode_rejects_meta_text_and_keeps_earlier_levels() -> None:
     def teacher(req: ChatRequest) -> str:
         text = req.messages[-1]["content"]
         if "instruction rewriter" in text:
             return "Rewritten prompt: do it" if "evolve:bad:2" == req.request_id else \
-                text.rsplit("\n", 1)[-1] + " Use exactly three sentences."
+                text.rsplit("\n", 1)[-1] + " " + _directive(text)
         return "an answer " + req.request_id
 
     rows = _run(ScriptedEngine(teacher), [
@@ -238,3 +247,81 @@ def test_pair_prompt_carries_the_system_prompt_the_answer_was_generated_with() -
                                    system_prompt="Be brief.")
     asyncio.run(ChainScheduler(eng, settings).run(_seeds(1), lambda c: None))
     assert all(r.messages[0] == {"role": "system", "content": "Be brief."} for r in eng.seen)
+
+
+def _teacher_chain(rounds: int = 1) -> Chain:
+    """A teacher-mode chain whose seed comes with its answer, so it asks for a rewrite first."""
+    settings = ChainSettings.build(EvolutionConfig(mode="teacher", operations=["add_requirement"]),
+                                   rounds=rounds, seed=0, answer=Sampling())
+    return Chain({"seed_id": "t", "source": "f:1", "instruction": "Describe the water cycle.",
+                  "response": "Water evaporates, condenses and falls."}, settings)
+
+
+def _rewrite(chain: Chain, text: str) -> None:
+    pending = chain.next_request()
+    assert pending is not None and pending.role == "evolve"
+    chain.apply(GenerationResult(text, 50, 20, "stop"))
+
+
+def test_teacher_rewrite_that_drops_the_requirement_is_rejected() -> None:
+    chain = _teacher_chain()
+    _rewrite(chain, "Describe the water cycle in a way a ten-year-old would enjoy.")
+    assert len(chain.levels) == 1 and chain.next_request() is None
+    assert chain.stop_reason == "evolve:requirement_not_stated"
+    assert chain.attempts == [{
+        "level": 1, "operation": "add_requirement", "reason": "requirement_not_stated",
+        "candidate": "Describe the water cycle in a way a ten-year-old would enjoy."}]
+    row = chain.to_row()
+    assert row["num_levels"] == 1 and row["levels"][0]["level"] == 0
+    [reject] = chain_rejects(row)
+    assert (reject["stage"], reject["reason"], reject["level"]) == \
+        ("evolve", "requirement_not_stated", 1)
+
+
+def test_teacher_rewrite_that_states_the_requirement_is_accepted() -> None:
+    chain = _teacher_chain()
+    step = pick_step(["add_requirement"], [], 0, "t", 1, ("seed",))
+    assert step.requirement_id is not None
+    _rewrite(chain, f"Describe the water cycle for a ten-year-old. {step.directive}")
+    assert chain.attempts == [] and chain.stop_reason is None
+    assert [r["id"] for r in chain.levels[1]["requirements"]] == [step.requirement_id]
+    assert chain.next_request().role == "answer"  # type: ignore[union-attr]
+
+
+def test_teacher_rewrite_must_keep_the_inherited_requirements() -> None:
+    """Level 2 records level 1's requirement too, so a rewrite that drops it is rejected."""
+    chain = _teacher_chain(rounds=2)
+    first = _directive(chain.next_request().request.messages[-1]["content"])  # type: ignore
+    _rewrite(chain, f"Describe the water cycle. {first}")
+    chain.next_request()
+    chain.apply(GenerationResult("An answer.", 5, 7, "stop"))
+    second = _directive(chain.next_request().request.messages[-1]["content"])  # type: ignore
+    _rewrite(chain, f"Describe the water cycle. {second}")  # drops the first requirement
+    assert [lvl["level"] for lvl in chain.levels] == [0, 1]
+    assert chain.stop_reason == "evolve:requirement_not_stated"
+    assert chain.attempts[0]["level"] == 2
+    assert unstated_requirement(f"Describe the water cycle. {first} {second}",
+                                chain.levels[1]["requirements"]) is None
+
+
+def test_unstated_requirement_names_the_requirement_and_what_is_missing() -> None:
+    reqs = [{"id": "detectable_format:number_bullet_lists", "kwargs_json": '{"num_bullets": 3}',
+             "level": 1, "text": "Use exactly 3 bullet points."}]
+    assert unstated_requirement("List fruits in exactly 3 bullet points.", reqs) is None
+    problem = unstated_requirement("List fruits in exactly 4 bullet points.", reqs)
+    assert problem is not None and problem.startswith("detectable_format:number_bullet_lists: ")
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_template_instructions_state_every_requirement_they_stack(seed: int) -> None:
+    """Template mode appends one phrasing per level; the stacked text states all of them."""
+    text, reqs = "Describe the water cycle.", []
+    for level in range(1, 9):
+        present = [r["id"] for r in reqs]
+        if not compatible_types(present):
+            break
+        step = pick_step(["add_requirement", "change_format"], present, seed, "x", level)
+        text = f"{text} {step.directive}"
+        reqs.append({"id": step.requirement_id, "kwargs_json": json.dumps(step.kwargs)})
+        assert unstated_requirement(text, reqs) is None, text
