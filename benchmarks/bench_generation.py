@@ -334,7 +334,8 @@ def main() -> int:
         },
         "settings": {"seeds": args.seeds,  # requested; the chains run: pipeline_*.chains
                      "seed_file": (cfg.seeds.path if args.framings <= 1 else
-                                   f"bundled sample x {args.framings} framings"), "rounds": args.rounds,
+                                   f"bundled sample x {args.framings} framings"),
+                     "rounds": args.rounds,
                      "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                      "top_p": cfg.teacher.top_p, "model": args.model,
                      "evolution_mode": "template", "seed": args.seed,

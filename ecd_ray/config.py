@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SAMPLE_SEEDS = PACKAGE_DIR / "data" / "sample_seeds.jsonl"
@@ -184,7 +183,8 @@ class PairsConfig(_Model):
     @field_validator("stage_edges")
     @classmethod
     def _ascending(cls, edges: list[float]) -> list[float]:
-        if any(b <= a for a, b in zip(edges, edges[1:])) or any(not 0 < e <= 1 for e in edges):
+        steps = zip(edges, edges[1:], strict=False)
+        if any(b <= a for a, b in steps) or any(not 0 < e <= 1 for e in edges):
             raise ValueError("must be ascending values in (0, 1], e.g. [0.5, 0.8]")
         return edges
 
@@ -216,8 +216,13 @@ class APCConfig(_Model):
     # higher over every lower), extremes (the strongest over the weakest only).
     rank_pairs: Literal["adjacent", "all", "extremes"] = "adjacent"
     # Drop a pair whose weaker side is in fact better. checkers: where the prompt has
-    # checkable requirements, a rejected side that meets more of them than the chosen side.
-    filter: Literal["none", "checkers"] = "checkers"
+    # checkable requirements, a rejected side that meets more of them than the chosen side;
+    # judge: an LLM judge (apc.judge, or the teacher) prefers the weaker answer (shown in a
+    # stable random order); checkers+judge: either.
+    filter: Literal["none", "checkers", "judge", "checkers+judge"] = "checkers"
+    # The judge's engine (any engine config; its sampling is used, temperature 0 is usual);
+    # None: the teacher's engine judges, greedily, with up to 8 new tokens.
+    judge: EngineConfig | None = None
     # mixed: the share of evolved levels whose pairs are APC (the rest are ECD).
     fraction: float = Field(0.5, ge=0.0, le=1.0)
 

@@ -160,8 +160,38 @@ def _new_level(level: int, instruction: str, step: Step | None, inherited: list[
         "added_text": step.directive if step else None, "requirements": requirements,
         "response": None, "response_source": None, "model": None,
         "prompt_tokens": None, "completion_tokens": None, "finish_reason": None,
-        "apc": None, "responses": [],
+        "apc": None, "responses": [], "judgements": [],
     }
+
+
+JUDGE_TEMPLATE = """Two assistants answered the same instruction.
+
+Instruction:
+{instruction}
+
+Answer A:
+{a}
+
+Answer B:
+{b}
+
+Which answer follows the instruction better, including every requirement it states? Reply
+with one letter: A or B."""
+
+_VERDICT = re.compile(r"\b([AB])\b")
+
+
+def judge_verdict(text: str) -> str | None:
+    """The judge's choice, "A" or "B" (the first standalone letter), or None if it gave none."""
+    m = _VERDICT.search(text.strip())
+    return m.group(1) if m else None
+
+
+def judge_positions(global_seed: int, seed_id: str, level: int, good: str, bad: str) -> bool:
+    """True when the stronger answer is shown as A: a stable coin per pair, so the judge's
+    preference for a position does not side with one rank."""
+    key = f"judge:{global_seed}:{seed_id}:{level}:{good}:{bad}".encode()
+    return hashlib.sha256(key).digest()[0] & 1 == 0
 
 
 @dataclass(frozen=True)
@@ -210,17 +240,23 @@ class ChainSettings:
     # pairs.truncated_chosen=regenerate: a teacher answer cut at its limit is asked once more
     # with this many new tokens (None: never)
     regenerate_max_new_tokens: int | None = None
+    # apc.filter with a judge: how the judge samples (None: no judge), and which rank pairs
+    # the pair stage will form (the judge is asked about exactly those)
+    judge: Sampling | None = None
+    rank_pairs: str = "adjacent"
 
     @classmethod
     def build(cls, evolution: EvolutionConfig, *, rounds: int, seed: int, answer: Sampling,
               system_prompt: str | None = None, answer_model: str = "teacher",
               strategy: str = "ecd", responders: tuple[ResponderSpec, ...] = (),
               apc_fraction: float = 0.0, regenerate_max_new_tokens: int | None = None,
+              judge: Sampling | None = None, rank_pairs: str = "adjacent",
               ) -> ChainSettings:
         template = (Path(evolution.prompt_template).read_text(encoding="utf-8")
                     if evolution.prompt_template else DEFAULT_TEACHER_TEMPLATE)
         return cls(evolution, rounds, seed, answer, system_prompt, answer_model, template,
-                   strategy, responders, apc_fraction, regenerate_max_new_tokens)
+                   strategy, responders, apc_fraction, regenerate_max_new_tokens, judge,
+                   rank_pairs)
 
     def sampling_json(self) -> str:
         out: dict[str, Any] = {
@@ -237,6 +273,8 @@ class ChainSettings:
                                           **r.sampling.to_dict()} for r in self.responders]}
         if self.regenerate_max_new_tokens:
             out["regenerate_max_new_tokens"] = self.regenerate_max_new_tokens
+        if self.judge is not None:
+            out["judge"] = self.judge.to_dict() | {"rank_pairs": self.rank_pairs}
         return json.dumps(out, sort_keys=True)
 
 
@@ -268,6 +306,9 @@ class Chain:
     _regenerated: dict[int, GenerationResult] = field(default_factory=dict)
     # (level, responder) pairs asked already (answered or failed)
     _responded: set[tuple[int, str]] = field(default_factory=set)
+    # (level, stronger, weaker) responder pairs the judge was asked about
+    _judged: set[tuple[int, str, str]] = field(default_factory=set)
+    _judging: tuple[str, str, bool] | None = None
 
     def __post_init__(self) -> None:
         self.levels = [_new_level(0, self.seed["instruction"], None, [])]
@@ -325,6 +366,8 @@ class Chain:
             self._apply_answer(result)
         elif pending.role.startswith("respond:"):
             self._apply_response(pending.role.split(":", 1)[1], result)
+        elif pending.role == "judge":
+            self._apply_judgement(result)
         else:
             self._apply_rewrite(result)
 
@@ -361,7 +404,56 @@ class Chain:
                                    "seed": request_seed(self.settings.seed, rid)})
             return PendingRequest(f"respond:{r.name}",
                                   ChatRequest(rid, self._chat(lvl["instruction"]), sampling))
+        return self._judge_request(lvl)
+
+    def _judge_request(self, lvl: dict[str, Any]) -> PendingRequest | None:
+        """The next judge request of an APC level whose responders have all answered: one per
+        rank pair the pair stage will form (``apc.filter`` with a judge)."""
+        if self.settings.judge is None:
+            return None
+        from ecd_ray.pairs import level_answers, rank_pairs
+
+        teacher = next(({"name": r.name, "rank": r.rank} for r in self.settings.responders
+                        if r.from_teacher), None)
+        answers = level_answers(lvl, teacher)
+        for hi, lo in rank_pairs([a["rank"] for a in answers], self.settings.rank_pairs):
+            for good in (a for a in answers if a["rank"] == hi):
+                for bad in (a for a in answers if a["rank"] == lo):
+                    key = (lvl["level"], good["responder"], bad["responder"])
+                    if key in self._judged:
+                        continue
+                    good_first = judge_positions(self.settings.seed, self.seed_id, *key)
+                    a, b = (good, bad) if good_first else (bad, good)
+                    prompt = JUDGE_TEMPLATE.format(instruction=lvl["instruction"],
+                                                   a=a["response"], b=b["response"])
+                    rid = f"judge:{self.seed_id}:{key[0]}:{key[1]}:{key[2]}"
+                    sampling = Sampling(**{**self.settings.judge.to_dict(),
+                                           "seed": request_seed(self.settings.seed, rid)})
+                    self._judging = (key[1], key[2], good_first)
+                    return PendingRequest("judge", ChatRequest(
+                        rid, [{"role": "user", "content": prompt}], sampling))
         return None
+
+    def _apply_judgement(self, res: GenerationResult) -> None:
+        """Record the judge's verdict on a (stronger, weaker) pair: "chosen" when it prefers
+        the stronger answer, "rejected" when the weaker, "unclear" when it names neither."""
+        lvl = self.levels[-1]
+        if self._judging is None:
+            raise RuntimeError(f"chain {self.seed_id}: a verdict arrived with no pair pending")
+        good, bad, good_first = self._judging
+        self._judging = None
+        self._judged.add((lvl["level"], good, bad))
+        if res.finish_reason == "error":
+            self.attempts.append({"level": lvl["level"], "operation": "judge",
+                                  "candidate": res.error or "",
+                                  "reason": res.error_code or "engine_error"})
+            verdict = "unclear"
+        else:
+            letter = judge_verdict(res.text)
+            verdict = ("unclear" if letter is None else
+                       "chosen" if (letter == "A") == good_first else "rejected")
+        lvl["judgements"].append({"chosen": good, "rejected": bad, "verdict": verdict,
+                                  "raw": res.text[:200]})
 
     def _apply_response(self, name: str, res: GenerationResult) -> None:
         """An APC responder's answer: kept on the level, or a rejected attempt (the chain
@@ -453,3 +545,21 @@ class Chain:
             "rejected_attempts": self.attempts,
             "sampling_json": self.settings.sampling_json(),
         }
+
+
+def template_levels(seed: dict[str, Any], evolution: EvolutionConfig, *, rounds: int,
+                    global_seed: int) -> list[dict[str, Any]]:
+    """The unanswered levels a template-mode :class:`Chain` gives ``seed`` (a SEEDS row):
+    the same steps, directives and requirements, without asking any engine. Used to build
+    evaluation prompts from seeds that never reach training."""
+    seed_id = str(seed["seed_id"])
+    levels = [_new_level(0, seed["instruction"], None, [])]
+    for level in range(1, rounds + 1):
+        last = levels[-1]
+        step = pick_step(evolution.operations, [r["id"] for r in last["requirements"]],
+                         global_seed, seed_id, level, tuple(lvl["operation"] for lvl in levels))
+        candidate = f"{last['instruction'].rstrip()} {step.directive}"
+        if eliminate(last["instruction"], candidate, evolution.max_instruction_chars):
+            break
+        levels.append(_new_level(level, candidate.strip(), step, last["requirements"]))
+    return levels

@@ -8,7 +8,9 @@ easier negatives.
 prompt = Ik, chosen and rejected = answers of two responders of different rank (stronger =
 chosen), for the rank pairs ``apc.rank_pairs`` selects: ``adjacent``, ``all`` or
 ``extremes``. With ``apc.filter=checkers`` a pair whose rejected side meets more of the
-level's checkable requirements than its chosen side is rejected as ``weaker_side_better``.
+level's checkable requirements than its chosen side is rejected as ``weaker_side_better``;
+with a judge (``judge``, ``checkers+judge``) one the LLM judge decided for the weaker side is
+rejected as ``judge_prefers_weaker`` (an unclear verdict keeps the pair).
 
 Every pair is verified against level k's requirements (:mod:`ecd_ray.verify`) and the pair
 policy decides whether it is written. A chosen answer cut at its token limit is rejected as
@@ -164,12 +166,21 @@ def apc_pairs(chain: dict[str, Any], lvl: dict[str, Any], *, teacher: dict[str, 
                                     good["response"]))
                     continue
                 pair = _apc_pair(chain, lvl, good, bad, split, system_prompt)
-                if filter_ == "checkers" and pair["requirements"] and \
+                verdict = next((j for j in lvl.get("judgements") or []
+                                if (j["chosen"], j["rejected"]) ==
+                                (good["responder"], bad["responder"])), None)
+                if "judge" in filter_ and verdict is not None and \
+                        verdict["verdict"] == "rejected":
+                    refused.append(("judge_prefers_weaker", f"apc {name}: the judge preferred "
+                                    f"the weaker answer (apc.filter={filter_})",
+                                    verdict["raw"]))
+                    continue
+                if "checkers" in filter_ and pair["requirements"] and \
                         pair["rejected_missed"] < pair["chosen_missed"]:
                     refused.append(("weaker_side_better", f"apc {name}: the weaker side "
                                     f"misses {pair['rejected_missed']} of level {lvl['level']}'s "
                                     f"checkable requirements, the stronger "
-                                    f"{pair['chosen_missed']} (apc.filter=checkers)", None))
+                                    f"{pair['chosen_missed']} (apc.filter={filter_})", None))
                     continue
                 pairs.append(pair)
     return pairs, refused

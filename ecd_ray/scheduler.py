@@ -71,20 +71,23 @@ class SchedulerStats:
 
 
 class ChainScheduler:
-    """Runs chains through a teacher engine, optionally a separate evolver engine, and the
-    APC responders' engines (``responders``: name -> engine).
+    """Runs chains through a teacher engine, optionally a separate evolver engine, the APC
+    responders' engines (``responders``: name -> engine) and an APC judge (default: the
+    teacher).
 
     ``on_done(chain)`` is called for every finished chain, in the order chains finish.
     """
 
     def __init__(self, engine: AsyncEngine, settings: ChainSettings, *,
                  evolver: AsyncEngine | None = None,
-                 responders: dict[str, AsyncEngine] | None = None, mode: Mode = "continuous",
+                 responders: dict[str, AsyncEngine] | None = None,
+                 judge: AsyncEngine | None = None, mode: Mode = "continuous",
                  max_chains: int | None = None, batch_size: int = 16,
                  clock: Callable[[], float] = time.perf_counter):
         self.engine = engine
         self.evolver = evolver or engine
         self.responders = responders or {}
+        self.judge = judge or engine
         self.settings = settings
         self.mode = mode
         # Enough chains to keep the engine full: each chain has at most one request in flight.
@@ -102,6 +105,8 @@ class ChainScheduler:
             engine = self.engine
         elif pending.role.startswith("respond:"):
             engine = self.responders[pending.role.split(":", 1)[1]]
+        elif pending.role == "judge":
+            engine = self.judge
         else:
             engine = self.evolver
         self.stats.sent()

@@ -46,6 +46,16 @@ RESPONSE = pa.struct(
     ]
 )
 
+# An LLM judge's verdict on one APC pair of a level (apc.filter with a judge).
+JUDGEMENT = pa.struct(
+    [
+        ("chosen", pa.string()),  # the stronger responder's name
+        ("rejected", pa.string()),  # the weaker responder's name
+        ("verdict", pa.string()),  # "chosen", "rejected" (judge prefers the weaker), "unclear"
+        ("raw", pa.string()),  # the judge's reply, truncated
+    ]
+)
+
 LEVEL = pa.struct(
     [
         ("level", pa.int32()),
@@ -67,6 +77,7 @@ LEVEL = pa.struct(
         # `response` above and is not repeated here)
         ("apc", pa.bool_()),
         ("responses", pa.list_(RESPONSE)),
+        ("judgements", pa.list_(JUDGEMENT)),
     ]
 )
 

@@ -253,3 +253,46 @@ def test_apc_config_validation() -> None:
     with pytest.raises(ConfigError, match="ascending"):
         load_config(None, ["pairs.stage_edges=[0.8, 0.5]"])
     assert json.loads(json.dumps(cfg.model_dump()))["apc"]["fraction"] == 0.3
+
+
+def test_judge_verdicts_filter_pairs_and_positions_are_balanced() -> None:
+    from ecd_ray.evolution import JUDGE_TEMPLATE, judge_positions, judge_verdict
+
+    assert judge_verdict("B") == "B" and judge_verdict(" A.") == "A"
+    assert judge_verdict("Answer B is better") == "B" and judge_verdict("neither") is None
+    firsts = [judge_positions(0, f"s{i}", 1, "teacher", "weak") for i in range(400)]
+    assert 150 < sum(firsts) < 250  # the stronger answer is A about half the time
+
+    seen: list = []
+
+    def judge(r):  # a judge that always prefers the weak answer, wherever it is shown
+        seen.append(r)
+        text = r.messages[0]["content"]
+        a = text.split("Answer A:\n", 1)[1].split("\n\nAnswer B:", 1)[0]
+        return "A" if a.startswith("weak") else "B"
+    teacher = ScriptedEngine(lambda r: f"teacher says {r.request_id}")
+    weak = ScriptedEngine(lambda r: f"weak says {r.request_id}")
+    judge_engine = ScriptedEngine(judge)
+    specs = (ResponderSpec("teacher", 2, "scripted", Sampling(), from_teacher=True),
+             ResponderSpec("weak", 1, "weak-m", Sampling()))
+    settings = ChainSettings.build(EvolutionConfig(operations=["deepen"]), rounds=1, seed=0,
+                                   answer=Sampling(), strategy="apc", responders=specs,
+                                   judge=Sampling(temperature=0.0, max_new_tokens=8))
+    rows: list[dict] = []
+    asyncio.run(ChainScheduler(teacher, settings, responders={"weak": weak},
+                               judge=judge_engine).run(
+        _seeds(20), lambda c: rows.append(annotate_levels(c.to_row()))))
+    assert len(seen) == 40  # one verdict per APC pair: 20 seeds x 2 levels
+    assert seen[0].messages[0]["content"].startswith(JUDGE_TEMPLATE.split("\n")[0])
+    for row in rows:
+        for lvl in row["levels"]:
+            assert [(j["chosen"], j["rejected"], j["verdict"]) for j in lvl["judgements"]] \
+                == [("teacher", "weak", "rejected")]
+        pairs, rejects = build_pairs(row, teacher={"name": "teacher", "rank": 2},
+                                     apc_filter="judge")
+        assert pairs == [] and [r["reason"] for r in rejects][:2] == \
+            ["judge_prefers_weaker"] * 2
+        pairs, _ = build_pairs(row, teacher={"name": "teacher", "rank": 2}, apc_filter="none")
+        assert len(pairs) == 2  # without the judge filter the verdicts are ignored
+    pa.Table.from_pylist(rows, schema=schema.EVOLUTIONS.remove(
+        schema.EVOLUTIONS.get_field_index("worker")))

@@ -111,6 +111,8 @@ class ChainActor:
         self._error: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._flush_lock: asyncio.Lock | None = None
+        self.responders: dict[str, AsyncEngine] = {}  # APC responders' engines, by name
+        self.judge_engine: AsyncEngine | None = None  # apc.judge's engine (None: the teacher)
 
     # -- driver-facing methods --------------------------------------------------------------
 
@@ -131,7 +133,7 @@ class ChainActor:
         answer = Sampling(temperature=t.temperature, top_p=t.top_p,
                           max_new_tokens=t.max_new_tokens, min_new_tokens=t.min_new_tokens)
         # APC responders live in this actor beside the teacher and share its resources.
-        specs, self.responders = [], {}
+        specs = []
         for r in cfg.responders():
             if not r.from_teacher:
                 self.responders[r.name] = build_async_engine(r, seed=cfg.seed, scratch=scratch)
@@ -140,6 +142,13 @@ class ChainActor:
                 answer if r.from_teacher else Sampling(
                     temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
                     min_new_tokens=r.min_new_tokens), r.from_teacher))
+        judge = None
+        if cfg.strategy != "ecd" and "judge" in cfg.apc.filter:
+            j = cfg.apc.judge
+            judge = (Sampling(temperature=0.0, max_new_tokens=8) if j is None else Sampling(
+                temperature=j.temperature, top_p=j.top_p, max_new_tokens=j.max_new_tokens))
+            if j is not None:
+                self.judge_engine = build_async_engine(j, seed=cfg.seed, scratch=scratch)
         regenerate = None
         if cfg.pairs.truncated_chosen == "regenerate":
             regenerate = cfg.pairs.regenerate_max_new_tokens or 2 * t.max_new_tokens
@@ -148,10 +157,12 @@ class ChainActor:
                                        answer_model=self.engine.model_name,
                                        strategy=cfg.strategy, responders=tuple(specs),
                                        apc_fraction=cfg.apc.fraction,
-                                       regenerate_max_new_tokens=regenerate)
+                                       regenerate_max_new_tokens=regenerate, judge=judge,
+                                       rank_pairs=cfg.apc.rank_pairs)
         s = cfg.scheduler
         self.scheduler = ChainScheduler(self.engine, settings, evolver=evolver,
-                                        responders=self.responders, mode=s.mode,
+                                        responders=self.responders, judge=self.judge_engine,
+                                        mode=s.mode,
                                         max_chains=s.max_chains_per_actor,
                                         batch_size=t.batch_size)
         self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._timer())]
@@ -224,8 +235,9 @@ class ChainActor:
             task.cancel()
         if self.engine is not None:
             self.engine.close()
-        for engine in getattr(self, "responders", {}).values():
-            engine.close()
+        for engine in [*self.responders.values(), self.judge_engine]:
+            if engine is not None:
+                engine.close()
 
     def pid(self) -> int:
         return os.getpid()
