@@ -8,11 +8,13 @@ model is trained to stop. Whitespace the template puts after the end-of-turn tok
 
 :func:`collate_pairs` stacks chosen rows (``0..B-1``) above rejected rows (``B..2B-1``) so that
 one forward pass scores both; :func:`concatenated_logprobs` runs that pass. :func:`bucket_batches`
-groups pairs of similar length to cut padding.
+groups pairs of similar length to cut padding; :func:`stage_batches` does it within each
+curriculum stage, easy stages first.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -255,4 +257,30 @@ def bucket_batches(
         chunk = sorted(range(start, min(start + span, len(lengths))), key=lambda i: lengths[i])
         batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
     random.Random(seed).shuffle(batches)
+    return batches
+
+
+def _stage_seed(seed: int, stage: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:stage{stage}".encode()).digest()[:4], "little")
+
+
+def stage_batches(
+    stages: Sequence[int], lengths: Sequence[int], batch_size: int, *, window: int = 50,
+    seed: int = 0
+) -> list[list[int]]:
+    """Length-bucketed batches that follow a curriculum: the items of each stage (ascending,
+    0 = easiest) go through :func:`bucket_batches` on their own, with a seed derived from
+    ``seed`` and the stage, and the stages' batches are concatenated. No batch mixes stages,
+    the stage never decreases along the result, and the shuffle stays inside a stage."""
+    if len(stages) != len(lengths):
+        raise ValueError(f"{len(stages)} stages for {len(lengths)} lengths")
+    by_stage: dict[int, list[int]] = {}
+    for i, s in enumerate(stages):
+        by_stage.setdefault(int(s), []).append(i)
+    batches: list[list[int]] = []
+    for s in sorted(by_stage):
+        items = by_stage[s]
+        local = bucket_batches([lengths[i] for i in items], batch_size, window=window,
+                               seed=_stage_seed(seed, s))
+        batches.extend([items[j] for j in batch] for batch in local)
     return batches

@@ -7,6 +7,9 @@ DDP), buckets pairs by length into micro-batches, and reports metrics every opti
 a checkpoint every ``checkpoint_every`` steps. A restarted or resumed run loads the last
 checkpoint and skips the micro-batches it had consumed. At the end the (ZeRO-3 sharded) model
 is gathered into an HF folder, ``<run>/model``, that transformers and vLLM load.
+
+With ``curriculum=true`` every worker trains on the pairs' ``stage`` from easy (0) to hard:
+see :func:`curriculum_datasets` for how that holds on each worker, not only globally.
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import torch
 
 from ecd_ray.config import TrainConfig
@@ -32,6 +38,7 @@ from ecd_ray.train.collate import (
     collate_pairs,
     concatenated_logprobs,
     pad_token_id,
+    stage_batches,
     tokenize_table_rows,
 )
 from ecd_ray.train.losses import LossOutput, reward_metrics
@@ -40,6 +47,7 @@ from ecd_ray.train.reference import REF_COLUMNS
 log = logging.getLogger(__name__)
 
 FAIL_AT_STEP_ENV = "ECD_RAY_FAIL_AT_STEP"  # test hook: crash rank 0 once at this step
+STAGE_COLUMN = "stage"  # the curriculum stage of a pair (ecd_ray.curriculum), 0 = easiest
 
 
 def collate_config(cfg: TrainConfig) -> CollateConfig:
@@ -47,33 +55,61 @@ def collate_config(cfg: TrainConfig) -> CollateConfig:
                          truncation=cfg.truncation)
 
 
-def _chunk_seed(seed: int, epoch: int, chunk: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}:{chunk}".encode()).digest()[:4],
-                          "little")
+def _chunk_seed(seed: int, epoch: int, chunk: int, stage: int | None = None) -> int:
+    key = f"{seed}:{epoch}:{chunk}" + ("" if stage is None else f":{stage}")
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
 
 
-def micro_batches(shard: Any, cfg: TrainConfig, tokenizer: Any, epoch: int, limit: int
-                  ) -> Iterator[tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
-                                      | None]]:
-    """The first ``limit`` length-bucketed micro-batches of this worker's shard for ``epoch``,
-    in a deterministic order, with their precomputed reference log-probs (if any)."""
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch as the training loop consumes it."""
+
+    tensors: dict[str, torch.Tensor]  # collate_pairs output
+    ref: tuple[torch.Tensor, torch.Tensor] | None  # precomputed reference log-probs
+    pair_ids: list[str | None]
+    stage: int | None  # its curriculum stage; None when the curriculum is off
+
+
+def _chunk_order(table: Any, lengths: list[int], cfg: TrainConfig, epoch: int, chunk: int,
+                 stage: int | None) -> list[list[int]]:
+    if stage is None:
+        return bucket_batches(lengths, cfg.micro_batch_size, window=cfg.bucket_window,
+                              seed=_chunk_seed(cfg.seed, epoch, chunk))
+    stages = table.column(STAGE_COLUMN).to_pylist()
+    if any(s != stage for s in stages):  # the driver's per-stage filter is broken
+        raise RuntimeError(f"the stage-{stage} shard holds stages {sorted(set(stages))}")
+    return stage_batches(stages, lengths, cfg.micro_batch_size, window=cfg.bucket_window,
+                         seed=_chunk_seed(cfg.seed, epoch, chunk, stage))
+
+
+def _column(rows: list[dict[str, Any]], idx: list[int], name: str) -> torch.Tensor:
+    return torch.tensor([rows[i][name] for i in idx], dtype=torch.float64)
+
+
+def micro_batches(shards: Sequence[tuple[int | None, Any]], cfg: TrainConfig, tokenizer: Any,
+                  epoch: int, limit: int) -> Iterator[MicroBatch]:
+    """The first ``limit`` length-bucketed micro-batches of this worker's shards for ``epoch``,
+    in a deterministic order, with their precomputed reference log-probs (if any).
+
+    ``shards`` is ``[(None, shard)]`` without a curriculum, else one ``(stage, shard)`` per
+    stage, easiest first: each shard is read to its end before the next one starts."""
     n = 0
     span = cfg.bucket_window * cfg.micro_batch_size
     pad = pad_token_id(tokenizer)
-    for chunk, table in enumerate(shard.iter_batches(batch_size=span, batch_format="pyarrow")):
-        rows = table.to_pylist()
-        pairs = tokenize_table_rows(tokenizer, rows, collate_config(cfg))
-        order = bucket_batches([p.length for p in pairs], cfg.micro_batch_size,
-                               window=cfg.bucket_window, seed=_chunk_seed(cfg.seed, epoch, chunk))
-        for idx in order:
-            if n >= limit:
-                return
-            ref = None
-            if cfg.reference == "precomputed":
-                ref = (torch.tensor([rows[i][REF_COLUMNS[0]] for i in idx], dtype=torch.float64),
-                       torch.tensor([rows[i][REF_COLUMNS[1]] for i in idx], dtype=torch.float64))
-            yield collate_pairs([pairs[i] for i in idx], pad), ref
-            n += 1
+    for stage, shard in shards:
+        for chunk, table in enumerate(shard.iter_batches(batch_size=span,
+                                                         batch_format="pyarrow")):
+            rows = table.to_pylist()
+            pairs = tokenize_table_rows(tokenizer, rows, collate_config(cfg))
+            for idx in _chunk_order(table, [p.length for p in pairs], cfg, epoch, chunk, stage):
+                if n >= limit:
+                    return
+                ref = None
+                if cfg.reference == "precomputed":
+                    ref = (_column(rows, idx, REF_COLUMNS[0]), _column(rows, idx, REF_COLUMNS[1]))
+                yield MicroBatch(collate_pairs([pairs[i] for i in idx], pad), ref,
+                                 [rows[i].get("pair_id") for i in idx], stage)
+                n += 1
 
 
 def _reduce(values: dict[str, float], world: int) -> dict[str, float]:
@@ -162,6 +198,22 @@ def _checkpoint(policy: Any, state: dict[str, Any], metrics: dict[str, Any], ran
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _worker_shards(stages: list[int] | None) -> list[tuple[int | None, Any]]:
+    """This worker's data: ``[(None, shard)]``, or one ``(stage, shard)`` per stage, in order."""
+    import ray.train
+
+    if stages is None:
+        return [(None, ray.train.get_dataset_shard("train"))]
+    return [(s, ray.train.get_dataset_shard(stage_dataset_name(s))) for s in stages]
+
+
+def _log_micro(file: Any, epoch: int, micro: int, step: int, mb: MicroBatch) -> None:
+    """One line of ``data_log``: what this worker trained on, in the order it did."""
+    file.write(json.dumps({"epoch": epoch, "micro": micro, "step": step, "stage": mb.stage,
+                           "pair_ids": mb.pair_ids}) + "\n")
+    file.flush()
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function; everything it needs comes through ``config``."""
     import ray.train
@@ -186,7 +238,11 @@ def train_loop(config: dict[str, Any]) -> None:
     if rank == 0 and state.get("resumed_from"):
         print(f"[ecd-ray] resumed at step {state['step']} from {state['resumed_from']}",
               flush=True)
-    shard = ray.train.get_dataset_shard("train")
+    shards = _worker_shards(config["stages"])
+    data_log = None
+    if cfg.data_log:
+        (run_dir / "data_log").mkdir(exist_ok=True)
+        data_log = (run_dir / "data_log" / f"rank{rank}.jsonl").open("a")
     micro_per_epoch = config["steps_per_epoch"] * cfg.grad_accum
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0"))
     step = state["step"]
@@ -194,12 +250,15 @@ def train_loop(config: dict[str, Any]) -> None:
         skip = state["micro"] if epoch == state["epoch"] else 0
         outs: list[LossOutput] = []
         tokens, started = 0, time.perf_counter()
-        for micro, (batch, ref) in enumerate(micro_batches(shard, cfg, tokenizer, epoch,
-                                                           micro_per_epoch)):
+        for micro, mb in enumerate(micro_batches(shards, cfg, tokenizer, epoch,
+                                                 micro_per_epoch)):
             if step >= config["total_steps"]:
                 break
             if micro < skip:
                 continue  # consumed before the checkpoint we resumed from
+            batch, ref = mb.tensors, mb.ref
+            if data_log is not None:
+                _log_micro(data_log, epoch, micro, step + 1, mb)
             if ref_model is not None:
                 with torch.inference_mode():
                     c, r, _, _ = concatenated_logprobs(ref_model, batch)
@@ -213,6 +272,8 @@ def train_loop(config: dict[str, Any]) -> None:
             step += 1
             metrics = {"step": step, "epoch": epoch, "lr": lr,
                        **_step_metrics(outs, tokens, started, world)}
+            if mb.stage is not None:  # the same on every worker (see curriculum_datasets)
+                metrics["stage"] = mb.stage
             logger.write(metrics)
             state = {"step": step, "epoch": epoch, "micro": micro + 1}
             if fail_at and step == fail_at and rank == 0 and not (run_dir / ".failed").exists():
@@ -224,6 +285,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 ray.train.report(metrics)
             outs, tokens, started = [], 0, time.perf_counter()
         state = {"step": step, "epoch": epoch + 1, "micro": 0}
+    if data_log is not None:
+        data_log.close()
     policy.export(run_dir / "model", rank)
     if rank == 0:
         tokenizer.save_pretrained(run_dir / "model")
@@ -277,10 +340,17 @@ def _reference_stage(cfg: TrainConfig, model_dir: Path) -> Path:
     return out
 
 
-def plan_steps(cfg: TrainConfig, n_pairs: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, total steps); every worker runs the same number."""
+def plan_steps(cfg: TrainConfig, n_pairs: int, per_stage: Mapping[int, int] | None = None
+               ) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps); every worker runs the same number. With a
+    curriculum, each stage is split on its own, so a worker gets ``n_s // num_workers`` pairs
+    of each stage ``s`` (``per_stage``: pairs per stage)."""
     per_step = cfg.micro_batch_size * cfg.grad_accum
-    steps_per_epoch = (n_pairs // cfg.num_workers) // per_step
+    if per_stage is None:
+        per_worker = n_pairs // cfg.num_workers
+    else:
+        per_worker = sum(n // cfg.num_workers for n in per_stage.values())
+    steps_per_epoch = per_worker // per_step
     if steps_per_epoch == 0:
         raise ValueError(
             f"{n_pairs} pairs are too few for one optimizer step of micro_batch_size "
@@ -288,6 +358,79 @@ def plan_steps(cfg: TrainConfig, n_pairs: int) -> tuple[int, int]:
             f"({cfg.num_workers}): lower one of them")
     total = steps_per_epoch * cfg.epochs
     return steps_per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def _no_stage(where: str) -> str:
+    return (f"curriculum=true needs the pairs' '{STAGE_COLUMN}' column (ecd_ray/curriculum.py), "
+            f"and {where}: regenerate the pairs with a version of ecd-ray that writes "
+            f"'difficulty' and '{STAGE_COLUMN}' (or add them with ecd_ray.curriculum.annotate), "
+            "or set curriculum=false")
+
+
+def check_stage_column(pairs: Path) -> None:
+    """Fail before any work (the reference stage included) when a Parquet file of ``pairs`` (a
+    file or a folder of shards) has no ``stage`` column or an empty one; reads only that
+    column."""
+    files = [pairs] if pairs.is_file() else sorted(pairs.glob("*.parquet"))
+    for path in files:
+        if STAGE_COLUMN not in pq.read_schema(path).names:
+            raise ValueError(_no_stage(f"{path} has none (written before curricula existed?)"))
+        nulls = pq.read_table(path, columns=[STAGE_COLUMN]).column(STAGE_COLUMN).null_count
+        if nulls:
+            raise ValueError(_no_stage(f"{nulls} pairs of {path} have it empty (null)"))
+
+
+def stage_counts(ds: Any) -> dict[int, int]:
+    """Pairs per curriculum stage, in one pass over the ``stage`` column of a Ray Dataset;
+    refuses pairs without a stage (null)."""
+    counts: Counter[int] = Counter()
+    nulls = 0
+    for table in ds.select_columns([STAGE_COLUMN]).iter_batches(batch_format="pyarrow"):
+        column = table.column(STAGE_COLUMN)
+        nulls += column.null_count
+        counts.update(s for s in column.to_pylist() if s is not None)
+    if nulls:
+        raise ValueError(_no_stage(f"{nulls} pairs have it empty (null)"))
+    return dict(counts)
+
+
+def stage_dataset_name(stage: int) -> str:
+    return f"stage_{stage}"
+
+
+def curriculum_datasets(ds: Any, counts: Mapping[int, int], num_workers: int
+                        ) -> tuple[dict[str, Any], list[int]]:
+    """One Ray Dataset per curriculum stage (``stage_0``, ``stage_1``, ...), and the stages in
+    training order.
+
+    Why one dataset per stage: Ray Train splits each dataset over the workers with
+    ``streaming_split(equal=True)``, which hands out blocks as the workers ask for them; that
+    promises every worker a share, not an order. A global ``ds.sort("stage")`` before a single
+    split is therefore not a per-worker guarantee (and it is an all-to-all shuffle that holds
+    the whole dataset in the object store). With one split per stage, each worker reads its
+    stage-0 shard to the end before it starts its stage-1 shard (:func:`micro_batches`), so
+    the order holds on every worker by construction, and each stage still streams: nothing is
+    materialised. Within a stage, pairs are length-bucketed and shuffled per chunk of
+    ``bucket_window`` micro-batches as without a curriculum.
+
+    ``equal=True`` gives every worker ``n_s // num_workers`` pairs of stage ``s``, so all
+    workers have the same number of micro-batches in each stage: they change stage at the
+    same step and stop at the same step (:func:`plan_steps` counts those pairs). A stage with
+    fewer pairs than workers would give each worker none; it is left out (with a warning).
+    The micro-batch index runs across the stages, so a resumed run skips the micro-batches it
+    had consumed exactly as without a curriculum. Each stage re-reads the pairs through its
+    filter (one Parquet scan per stage).
+    """
+    from ray.data.expressions import col
+
+    stages = []
+    for s in sorted(counts):
+        if counts[s] < num_workers:
+            log.warning("curriculum stage %d has %d pairs, fewer than the %d workers: skipped",
+                        s, counts[s], num_workers)
+            continue
+        stages.append(s)
+    return {stage_dataset_name(s): ds.filter(expr=col(STAGE_COLUMN) == s) for s in stages}, stages
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -299,6 +442,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from ecd_ray.models import resolve_model
 
     run_dir = cfg.run_dir.resolve()
+    if cfg.curriculum:
+        check_stage_column(Path(cfg.pairs).resolve())
     if cfg.overwrite:
         shutil.rmtree(run_dir, ignore_errors=True)
     if (run_dir / "train_summary.json").exists():
@@ -315,8 +460,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         ds = ray.data.read_parquet(str(source), num_cpus=0.25)
         if cfg.max_pairs is not None:
             ds = ds.limit(cfg.max_pairs)
-        n_pairs = ds.count()
-        steps_per_epoch, total_steps = plan_steps(cfg, n_pairs)
+        counts, stages, datasets = None, None, {"train": ds}
+        if cfg.curriculum:
+            counts = stage_counts(ds)
+            datasets, stages = curriculum_datasets(ds, counts, cfg.num_workers)
+        n_pairs = sum(counts.values()) if counts is not None else ds.count()
+        steps_per_epoch, total_steps = plan_steps(cfg, n_pairs, counts)
         resume = cfg.resume_from or latest_checkpoint(run_dir)
         attempt = len(list(run_dir.glob("ray/attempt-*")))
         started = time.time()
@@ -326,6 +475,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 "cfg_json": cfg.model_dump_json(), "run_dir": str(run_dir),
                 "model_dir": str(model_dir), "steps_per_epoch": steps_per_epoch,
                 "total_steps": total_steps, "resume_from": str(resume) if resume else None,
+                "stages": stages,
             },
             scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                          resources_per_worker={"CPU": cfg.cpus_per_worker}),
@@ -333,7 +483,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 storage_path=str(run_dir / "ray"), name=f"attempt-{attempt}",
                 failure_config=FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
-            datasets={"train": ds},
+            datasets=datasets,
         )
         result = trainer.fit()
     finally:
