@@ -459,14 +459,24 @@ def _describe(err: dict[str, Any], root: type[BaseModel]) -> str:
     return f"'{key}': {err['msg']} (got {shown})"
 
 
+def _model_problem(key: str, model: str) -> str | None:
+    """None for an embedded model's name or a local model folder; a hub name cannot be
+    resolved without network access."""
+    from ecd_ray.models import EMBEDDED_MODELS  # here: ecd_ray.models imports this module
+
+    if model in EMBEDDED_MODELS or Path(model).is_dir():
+        return None
+    return (f"'{key}': {model!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) "
+            "nor a local model folder")
+
+
 def _check_train_paths(cfg: TrainConfig) -> list[str]:
     problems = []
     if not Path(cfg.pairs).is_dir() or not any(Path(cfg.pairs).rglob("*.parquet")):
         problems.append(f"'pairs': no Parquet pairs in {cfg.pairs} (run ecd-ray generate first,"
                         " or point pairs at a run's pairs/ folder)")
-    if cfg.model != EMBEDDED_MODEL and not Path(cfg.model).is_dir():
-        problems.append(f"'model': {cfg.model!r} is neither '{EMBEDDED_MODEL}' nor a local "
-                        "model folder")
+    if (problem := _model_problem("model", cfg.model)) is not None:
+        problems.append(problem)
     if cfg.deepspeed_config is not None and not Path(cfg.deepspeed_config).is_file():
         problems.append(f"'deepspeed_config': file not found: {cfg.deepspeed_config}")
     if cfg.strategy == "ddp" and (cfg.offload_optimizer or cfg.offload_params):
@@ -530,11 +540,9 @@ def _check_paths(cfg: RunConfig) -> list[str]:
         problems.append(f"'evolution.prompt_template': file not found: {tmpl}")
     model = cfg.teacher.model
     # engine=openai: the model is a name the server serves, not a local folder.
-    if cfg.teacher.engine != "openai" and model != EMBEDDED_MODEL and not Path(model).is_dir():
-        # A hub name cannot be resolved without network access: a local folder is needed.
-        problems.append(
-            f"'teacher.model': {model!r} is neither '{EMBEDDED_MODEL}' nor a local model folder"
-        )
+    if cfg.teacher.engine != "openai" and \
+            (problem := _model_problem("teacher.model", model)) is not None:
+        problems.append(problem)
     if cfg.evolver is not None and cfg.evolver.num_gpus > 0 and cfg.evolver.engine != "openai" \
             and cfg.teacher.num_gpus > 0:
         problems.append(
@@ -550,14 +558,15 @@ def _check_paths(cfg: RunConfig) -> list[str]:
                 f"'{role}.num_gpus': a replica with tensor_parallel_size x pipeline_parallel_size"
                 f" = {gpus} needs {role}.num_gpus={gpus} (got {eng.num_gpus:g})")
     if cfg.evolver is not None and cfg.evolver.engine != "openai" and \
-            cfg.evolver.model != EMBEDDED_MODEL and not Path(cfg.evolver.model).is_dir():
-        problems.append(f"'evolver.model': model folder not found: {cfg.evolver.model}")
+            (problem := _model_problem("evolver.model", cfg.evolver.model)) is not None:
+        problems.append(problem)
     problems += _check_lengths(cfg)
-    if cfg.evolution.mode == "teacher" and (cfg.evolver or cfg.teacher).model == EMBEDDED_MODEL:
+    if cfg.evolution.mode == "teacher" and \
+            (cfg.evolver or cfg.teacher).model in (EMBEDDED_MODEL, GEMMA_MODEL):
         problems.append(
-            "'evolution.mode': a 135M model cannot rewrite instructions; use "
+            "'evolution.mode': the embedded models (135M, 270M) cannot rewrite instructions; use "
             "evolution.mode=template"
-            " with the embedded model, or set teacher.model to a capable (7B+) model"
+            " with them, or set teacher.model to a capable (7B+) model"
         )
     return problems
 
