@@ -87,7 +87,8 @@ def train_one(name: str, args: argparse.Namespace, pairs: Path, work: Path) -> d
             f"model={args.model}", f"lr={args.lr}", f"beta={args.beta}",
             f"max_pairs={args.max_pairs}", f"epochs={args.epochs}",
             f"micro_batch_size={args.micro_batch_size}", f"grad_accum={args.grad_accum}",
-            f"max_length={args.max_length}", "max_prompt_tokens=256", "schedule=cosine",
+            f"max_length={args.max_length}", f"max_prompt_tokens={min(256, args.max_length // 2)}",
+            "schedule=cosine",
             f"strategy={args.strategy}", f"num_workers={args.num_workers}",
             f"cpus_per_worker={args.cpus_per_worker}", "checkpoint_every=1000",
             f"seed={args.seed}", "overwrite=true", *OBJECTIVES[name], *args.train_override]

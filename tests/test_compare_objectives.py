@@ -119,5 +119,5 @@ def test_compare_objectives_smoke(tmp_path: Path, tiny_model: Path) -> None:
         for m, iv in s["intervals"].items():
             assert iv["lo"] <= iv["value"] <= iv["hi"], (name, m)
     assert all(t["steps"] == 1 for t in rec["training"].values())
-    assert out.with_suffix(".md").read_text().count("\n| ") == 5
+    assert out.with_suffix(".md").read_text().count("\n| ") == 6  # header + 5 models
     assert out.with_suffix(".png").stat().st_size > 0
