@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("overrides", nargs="*", help="dotted overrides; train.* go to training")
     ev = sub.add_parser("evaluate", help="instruction-following accuracy (IFEval format)")
     ev.add_argument("--prompts", type=Path, required=True, help="IFEval-format JSONL")
-    ev.add_argument("--model", default=None, help="model folder, or embedded:smollm2-135m-instruct")
+    ev.add_argument("--model", default=None, help="model folder, or embedded:smollm2-135m-"
+                    "instruct or embedded:gemma3-270m")
     ev.add_argument("--responses", type=Path, default=None,
                     help="score these responses (JSONL: key or prompt, response) instead")
     ev.add_argument("--out", type=Path, default=Path("out/eval"), help="report folder")
