@@ -104,6 +104,23 @@ def train_one(name: str, args: argparse.Namespace, pairs: Path, work: Path) -> d
         "overrides": over}
 
 
+def train_all(args: argparse.Namespace, pairs: Path, work: Path) -> dict[str, dict[str, Any]]:
+    """Every objective, one after another, in one Ray session (a cluster start per run costs
+    more than a smoke run's training)."""
+    import ray
+
+    from ecd_ray.config import load_train_config
+    from ecd_ray.train.trainer import init_ray
+
+    started = init_ray(load_train_config(None, [f"num_workers={args.num_workers}",
+                                                f"cpus_per_worker={args.cpus_per_worker}"]))
+    try:
+        return {name: train_one(name, args, pairs, work) for name in args.objectives}
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def evaluate_one(name: str, model: str, prompts: Path, args: argparse.Namespace, work: Path
                  ) -> dict[str, Any]:
     from ecd_ray.config import EngineConfig
@@ -227,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pairs = (args.pairs.resolve() if args.pairs else generate_pairs(args, work))
         prompts = work / "eval_prompts.jsonl"
         n_prompts = eval_prompts(args, prompts)
-        trained = {name: train_one(name, args, pairs, work) for name in args.objectives}
+        trained = train_all(args, pairs, work)
         results = {"base": evaluate_one("base", args.model, prompts, args, work)}
         for name, t in trained.items():
             results[name] = evaluate_one(name, t["model"], prompts, args, work)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -364,6 +365,14 @@ class TrainConfig(_Model):
     offload_params: bool = False
     param_persistence_threshold: int = Field(100_000, ge=0)  # ZeRO-3: small params stay whole
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
+    # chunked: the LM head and log-softmax run over response tokens only, logprob_chunk tokens
+    # at a time, never building the batch's full-vocabulary logits (ecd_ray.train.collate);
+    # full: the whole [2B, T, V] logits and their fp32 log-softmax (for comparison).
+    logprobs: Literal["chunked", "full"] = "chunked"
+    logprob_chunk: int = Field(1024, ge=1)
+    # Recompute each decoder layer's activations in backward instead of keeping them: less
+    # memory, ~1/3 more compute. auto: on with GPUs (where memory bounds the batch), off on CPU.
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
     deepspeed_config: str | None = None  # a JSON file merged over the generated config
     # checkpoints and logs
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps")
@@ -431,14 +440,26 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _model_class(ann: Any) -> type[BaseModel] | None:
+    """The pydantic model in an annotation: ``M``, ``M | None``, ``list[M]``..."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in typing.get_args(ann):
+        if (found := _model_class(arg)) is not None:
+            return found
+    return None
+
+
 def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The pydantic model class that owns the field at ``loc`` (None if not a model)."""
     for part in loc:
+        if isinstance(part, int):  # an item of a list of models
+            continue
         field = model.model_fields.get(str(part))
-        ann = field.annotation if field else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        found = _model_class(field.annotation) if field else None
+        if found is None:
             return None
-        model = ann
+        model = found
     return model
 
 
@@ -560,6 +581,12 @@ def _check_paths(cfg: RunConfig) -> list[str]:
     if cfg.evolver is not None and cfg.evolver.engine != "openai" and \
             (problem := _model_problem("evolver.model", cfg.evolver.model)) is not None:
         problems.append(problem)
+    if cfg.strategy != "ecd":  # APC's own engines: every responder but the teacher's, the judge
+        engines = [(f"apc.responders[{i}].model", r) for i, r in enumerate(cfg.apc.responders)
+                   if not r.from_teacher]
+        engines += [("apc.judge.model", cfg.apc.judge)] if cfg.apc.judge is not None else []
+        problems += [p for key, eng in engines if eng.engine != "openai"
+                     and (p := _model_problem(key, eng.model)) is not None]
     problems += _check_lengths(cfg)
     if cfg.evolution.mode == "teacher" and \
             (cfg.evolver or cfg.teacher).model in (EMBEDDED_MODEL, GEMMA_MODEL):

@@ -28,7 +28,7 @@ from typing import Any
 
 from ecd_ray.curriculum import DEFAULT_EDGES, annotate
 from ecd_ray.schema import reject
-from ecd_ray.verify import check_all, pair_verification, policy_reason
+from ecd_ray.verify import check_all, pair_verification, policy_reason, verification_columns
 
 RANK_PAIRS = ("adjacent", "all", "extremes")
 
@@ -75,30 +75,42 @@ def _prompt(instruction: str, system_prompt: str | None) -> list[dict[str, str]]
     return system + [{"role": "user", "content": instruction}]
 
 
+def _row(chain: dict[str, Any], lvl: dict[str, Any], chosen: dict[str, Any],
+         rejected: dict[str, Any], *, pair_id: str, strategy: str, rejected_level: int,
+         ranks: tuple[int | None, int | None], verification: dict[str, Any], split: str,
+         system_prompt: str | None) -> dict[str, Any]:
+    """One PAIRS row: the prompt is ``lvl``'s instruction; ``chosen``/``rejected`` are answers
+    (``response``, ``model``, ``finish_reason``): levels for ECD, responder answers for APC."""
+    return {
+        "pair_id": pair_id,
+        "prompt": _prompt(lvl["instruction"], system_prompt),
+        "chosen": _assistant(chosen["response"]),
+        "rejected": _assistant(rejected["response"]),
+        "seed_id": chain["seed_id"],
+        "strategy": strategy,
+        "chosen_level": lvl["level"],
+        "rejected_level": rejected_level,
+        "chosen_rank": ranks[0],
+        "rejected_rank": ranks[1],
+        "operation": lvl["operation"],
+        "requirements": lvl["requirements"],
+        "chosen_model": chosen["model"],
+        "rejected_model": rejected["model"],
+        "chosen_finish_reason": chosen["finish_reason"],
+        "rejected_finish_reason": rejected["finish_reason"],
+        **verification,
+        "rejected_truncated": rejected["finish_reason"] == "length",
+        "split": split,
+    }
+
+
 def _pair(chain: dict[str, Any], k: int, j: int, split: str, system_prompt: str | None
           ) -> dict[str, Any]:
     chosen, neg = chain["levels"][k], chain["levels"][j]
-    return {
-        "pair_id": pair_id(chain["seed_id"], k, j),
-        "prompt": _prompt(chosen["instruction"], system_prompt),
-        "chosen": _assistant(chosen["response"]),
-        "rejected": _assistant(neg["response"]),
-        "seed_id": chain["seed_id"],
-        "strategy": "ecd",
-        "chosen_level": k,
-        "rejected_level": j,
-        "chosen_rank": None,
-        "rejected_rank": None,
-        "operation": chosen["operation"],
-        "requirements": chosen["requirements"],
-        "chosen_model": chosen["model"],
-        "rejected_model": neg["model"],
-        "chosen_finish_reason": chosen["finish_reason"],
-        "rejected_finish_reason": neg["finish_reason"],
-        **pair_verification(chosen, neg),
-        "rejected_truncated": neg["finish_reason"] == "length",
-        "split": split,
-    }
+    return _row(chain, chosen, chosen, neg, pair_id=pair_id(chain["seed_id"], k, j),
+                strategy="ecd", rejected_level=j, ranks=(None, None),
+                verification=pair_verification(chosen, neg), split=split,
+                system_prompt=system_prompt)
 
 
 def level_answers(lvl: dict[str, Any], teacher: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -114,39 +126,6 @@ def level_answers(lvl: dict[str, Any], teacher: dict[str, Any] | None) -> list[d
     return sorted(out, key=lambda a: -a["rank"])
 
 
-def _apc_pair(chain: dict[str, Any], lvl: dict[str, Any], good: dict[str, Any],
-              bad: dict[str, Any], split: str, system_prompt: str | None) -> dict[str, Any]:
-    k = lvl["level"]
-    reqs = lvl["requirements"]
-    chosen_passes, _ = check_all(good["response"], reqs)
-    rejected_passes, _ = check_all(bad["response"], reqs)
-    return {
-        "pair_id": apc_pair_id(chain["seed_id"], k, good["responder"], bad["responder"]),
-        "prompt": _prompt(lvl["instruction"], system_prompt),
-        "chosen": _assistant(good["response"]),
-        "rejected": _assistant(bad["response"]),
-        "seed_id": chain["seed_id"],
-        "strategy": "apc",
-        "chosen_level": k,
-        "rejected_level": k,
-        "chosen_rank": good["rank"],
-        "rejected_rank": bad["rank"],
-        "operation": lvl["operation"],
-        "requirements": reqs,
-        "chosen_model": good["model"],
-        "rejected_model": bad["model"],
-        "chosen_finish_reason": good["finish_reason"],
-        "rejected_finish_reason": bad["finish_reason"],
-        "chosen_passes": chosen_passes,
-        "rejected_passes": rejected_passes,
-        "chosen_missed": chosen_passes.count(False),
-        "rejected_missed": rejected_passes.count(False),
-        "hard_negative_verified": chosen_passes.count(False) == 0 and False in rejected_passes,
-        "rejected_truncated": bad["finish_reason"] == "length",
-        "split": split,
-    }
-
-
 def apc_pairs(chain: dict[str, Any], lvl: dict[str, Any], *, teacher: dict[str, Any] | None,
               rank_pairs_how: str, filter_: str, split: str, system_prompt: str | None,
               ) -> tuple[list[dict[str, Any]], list[tuple[str, str, str]]]:
@@ -154,8 +133,10 @@ def apc_pairs(chain: dict[str, Any], lvl: dict[str, Any], *, teacher: dict[str, 
     by the filter or for identical answers (pair policy and truncation are applied later)."""
     answers = level_answers(lvl, teacher)
     by_rank: dict[int, list[dict[str, Any]]] = {}
+    passes: dict[str, list[bool]] = {}  # each answer is checked once, whatever its pairs
     for a in answers:
         by_rank.setdefault(a["rank"], []).append(a)
+        passes[a["responder"]] = check_all(a["response"], lvl["requirements"])[0]
     pairs, refused = [], []
     for hi, lo in rank_pairs([a["rank"] for a in answers], rank_pairs_how):
         for good in by_rank[hi]:
@@ -165,7 +146,12 @@ def apc_pairs(chain: dict[str, Any], lvl: dict[str, Any], *, teacher: dict[str, 
                     refused.append(("identical_responses", f"apc {name}: same text",
                                     good["response"]))
                     continue
-                pair = _apc_pair(chain, lvl, good, bad, split, system_prompt)
+                pair = _row(chain, lvl, good, bad, pair_id=apc_pair_id(
+                    chain["seed_id"], lvl["level"], good["responder"], bad["responder"]),
+                    strategy="apc", rejected_level=lvl["level"], ranks=(good["rank"], bad["rank"]),
+                    verification=verification_columns(passes[good["responder"]],
+                                                      passes[bad["responder"]]),
+                    split=split, system_prompt=system_prompt)
                 verdict = next((j for j in lvl.get("judgements") or []
                                 if (j["chosen"], j["rejected"]) ==
                                 (good["responder"], bad["responder"])), None)

@@ -208,6 +208,15 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
         "smollm2-135m", hidden_size=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
         intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
         max_position_embeddings=8192),
+    # Gemma-3-270M: hidden 640, 18 layers, 4 heads, 1 KV head × 256, MLP 2048 (gated), vocab
+    # 262144, tied embeddings, 32768 positions -> 268,098,176 parameters; the Llama-style count
+    # leaves out each layer's q/k norms and its two extra RMSNorms (32,256 in all). Its
+    # sliding-window layers hold at most 512 tokens of KV cache; the estimate counts every
+    # layer as full attention, an upper bound.
+    "gemma3-270m": ModelSpec.from_architecture(
+        "gemma3-270m", hidden_size=640, n_layers=18, n_heads=4, n_kv_heads=1, head_dim=256,
+        intermediate_size=2048, vocab_size=262144, tie_word_embeddings=True,
+        max_position_embeddings=32768),
 }
 # Same architecture under another release name.
 MODEL_ALIASES = {"llama-3.3-70b": "llama-3.1-70b", "llama-3-8b": "llama-3.1-8b",
@@ -687,12 +696,13 @@ def _looks_like_train(path: Path) -> bool:
 
 
 def _model_spec(spec: str | None, model_field: str, flag: str) -> ModelSpec:
-    from ecd_ray.config import EMBEDDED_MODEL
+    from ecd_ray.config import EMBEDDED_MODEL, GEMMA_MODEL
 
     if spec:
         return ModelSpec.get(spec)
-    if model_field == EMBEDDED_MODEL:
-        return KNOWN_MODELS["smollm2-135m"]
+    embedded = {EMBEDDED_MODEL: "smollm2-135m", GEMMA_MODEL: "gemma3-270m"}
+    if model_field in embedded:
+        return KNOWN_MODELS[embedded[model_field]]
     if (Path(model_field) / "config.json").is_file():
         return ModelSpec.from_config_json(model_field)
     guessed = ModelSpec.guess(model_field)

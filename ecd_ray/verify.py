@@ -35,8 +35,13 @@ def annotate_levels(chain: dict[str, Any]) -> dict[str, Any]:
 
 def pair_verification(chosen: dict[str, Any], rejected: dict[str, Any]) -> dict[str, Any]:
     """The measurement columns of a pair whose chosen level is ``chosen``."""
-    chosen_passes = list(chosen["passes"])
     rejected_passes, _ = check_all(rejected["response"], chosen["requirements"])
+    return verification_columns(list(chosen["passes"]), rejected_passes)
+
+
+def verification_columns(chosen_passes: list[bool], rejected_passes: list[bool]
+                         ) -> dict[str, Any]:
+    """A pair's measurement columns from each side's strict pass/fail per requirement."""
     chosen_missed = chosen_passes.count(False)
     rejected_missed = rejected_passes.count(False)
     return {

@@ -253,6 +253,22 @@ def test_apc_config_validation() -> None:
     with pytest.raises(ConfigError, match="ascending"):
         load_config(None, ["pairs.stage_edges=[0.8, 0.5]"])
     assert json.loads(json.dumps(cfg.model_dump()))["apc"]["fraction"] == 0.3
+    # A responder's or the judge's model is checked before any actor starts; ECD ignores them.
+    bad = ["apc.responders=[{name: t, rank: 2, from_teacher: true}, "
+           "{name: w, rank: 1, model: /no/such/model}]", "apc.judge={model: /no/judge}"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["strategy=apc", *bad])
+    assert "'apc.responders[1].model': '/no/such/model' is neither" in str(err.value)
+    assert "'apc.judge.model': '/no/judge' is neither" in str(err.value)
+    assert load_config(None, ["strategy=ecd", *bad]).strategy == "ecd"
+    served = ["apc.responders=[{name: t, rank: 2, from_teacher: true}, {name: w, rank: 1, "
+              "engine: openai, model: served-name}]"]
+    assert load_config(None, ["strategy=apc", *served]).responders()[1].model == "served-name"
+    # A misplaced key inside a list item names the keys valid there.
+    with pytest.raises(ConfigError, match=r"unknown key 'apc.responders.1.base_url' \(valid "
+                       r"keys here: .*\bopenai\b.*\bfrom_teacher\b"):
+        load_config(None, ["strategy=apc", "apc.responders=[{name: t, rank: 2, from_teacher: "
+                           "true}, {name: w, rank: 1, base_url: 'http://127.0.0.1:8000/v1'}]"])
 
 
 def test_judge_verdicts_filter_pairs_and_positions_are_balanced() -> None:

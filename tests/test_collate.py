@@ -216,6 +216,82 @@ def test_concatenated_logprobs_match_separate_unpadded_passes(tok, tiny_model):
                                    atol=1e-4, rtol=0)
 
 
+def _logps_and_grads(model, batch, chunk):
+    model.zero_grad(set_to_none=True)
+    c, r, nc, nr = concatenated_logprobs(model, batch, chunk=chunk)
+    (c.sum() - 0.5 * r.sum()).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()
+             if p.grad is not None}
+    return [t.detach() for t in (c, r, nc, nr)], grads
+
+
+def _tiny(kind: str, vocab: int):
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    if kind == "gemma3":  # tied embeddings, extra norms (the second embedded model's family)
+        cfg = Gemma3TextConfig(**small, sliding_window=16)
+    else:  # gemma2: final-logit soft-capping, applied after the LM head
+        cfg = Gemma2Config(**small, final_logit_softcapping=3.0, sliding_window=16)
+    return AutoModelForCausalLM.from_config(cfg).float()
+
+
+@pytest.mark.parametrize("which", ["tiny_llama", "gemma3", "gemma2_softcap"])
+def test_chunked_logprobs_equal_the_full_computation(tok, tiny_model, which):
+    """Values and gradients of the chunked path against full logits + fp32 log-softmax, to
+    1e-5 in fp32, at chunk sizes that split responses mid-sequence and across rows."""
+    from transformers import AutoModelForCausalLM
+
+    if which == "tiny_llama":
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    else:
+        model = _tiny(which.split("_")[0], vocab=len(tok))
+    model.train()  # dropout is 0 in these configs; train mode is what the trainer runs
+    batch = collate_pairs(_pairs(tok), pad_token_id(tok))
+    want, want_grads = _logps_and_grads(model, batch, None)
+    for chunk in (1, 5, 1024):
+        got, grads = _logps_and_grads(model, batch, chunk)
+        # per-token log-probs to 1e-5; the sums (around -100, where one fp32 ulp is 7.6e-6)
+        # to 1e-5 plus 1e-7 relative
+        torch.testing.assert_close(got[2], want[2], atol=0, rtol=0)
+        torch.testing.assert_close(got[3], want[3], atol=0, rtol=0)
+        for g, w, n in ((got[0], want[0], want[2]), (got[1], want[1], want[3])):
+            torch.testing.assert_close(g.to(w.dtype) / n, w / n, atol=1e-5, rtol=0)
+            torch.testing.assert_close(g.to(w.dtype), w, atol=1e-5, rtol=1e-7)
+        assert grads.keys() == want_grads.keys()
+        for name, w in want_grads.items():  # summation order differs: compare by norm
+            rel = (grads[name] - w).norm() / w.norm().clamp(min=1e-12)
+            assert rel < 1e-5, (chunk, name, float(rel))
+
+
+def test_chunked_logprobs_never_build_the_batch_logits(tok, tiny_model):
+    """The LM head sees one position per row in the forward, then at most ``chunk`` response
+    positions per call: never the [2B, T, V] logits of the batch."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    batch = collate_pairs(_pairs(tok), pad_token_id(tok))
+    shapes: list[tuple[int, ...]] = []
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda _m, _a, out: shapes.append(tuple(out.shape)))
+    try:
+        c, r, _, _ = concatenated_logprobs(model, batch, chunk=4)
+        (c.sum() + r.sum()).backward()
+    finally:
+        handle.remove()
+    rows, width = batch["input_ids"].shape
+    vocab = model.config.vocab_size
+    assert shapes[0] == (rows, 1, vocab)
+    response = int(batch["loss_mask"].sum())
+    forward = shapes[1 : 1 + -(-response // 4)]
+    assert [s[0] for s in forward] == [min(4, response - i) for i in range(0, response, 4)]
+    assert all(len(s) == 2 and s[0] <= 4 for s in shapes[1:])  # recomputed slices in backward
+    assert len(shapes) == 1 + 2 * len(forward)
+    assert rows * width * vocab > 40 * 4 * vocab  # the full logits would have been far larger
+
+
 # ---------------------------------------------------------------- bucketing
 
 

@@ -56,6 +56,29 @@ def test_known_parameter_counts_match_the_published_models() -> None:
     assert KNOWN_MODELS["smollm2-135m"].n_params == 134_515_008
 
 
+def test_gemma3_270m_spec_against_transformers_count() -> None:
+    """The second embedded model's spec, against transformers' own parameter count of the
+    architecture the embedded converter checks (built on the meta device: no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    from ecd_ray.config import GEMMA_MODEL
+    from ecd_ray.models import embedded_model
+    from ecd_ray.plan import _model_spec
+
+    want = {k: v for k, v in embedded_model(GEMMA_MODEL).expected.items()
+            if "." not in k and k not in ("model_type", "architectures")}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(Gemma3TextConfig(**want))
+    real = sum(p.numel() for p in model.parameters())
+    spec = KNOWN_MODELS["gemma3-270m"]
+    # Gemma 3 layers have q/k norms (256 each) and two more RMSNorms (pre/post feed-forward,
+    # 640 each) than a Llama layer; the Llama-style estimate leaves those out.
+    norms = 18 * (2 * 256 + 2 * 640)
+    assert spec.n_params == real - norms
+    assert _model_spec(None, GEMMA_MODEL, "--teacher-spec") is spec
+
+
 def test_from_config_json_on_the_embedded_smollm2(embedded_model: Path) -> None:
     spec = ModelSpec.from_config_json(embedded_model / "config.json")
     # transformers counts 134,515,008 parameters (embeddings tied to the LM head).

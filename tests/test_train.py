@@ -119,6 +119,70 @@ def test_accumulation_invariance_1x8_vs_8x1(tmp_path: Path, tiny_model: Path) ->
         torch.testing.assert_close(weights[0][k], weights[1][k], rtol=0, atol=2e-6)
 
 
+def _ddp_rank(rank: int, port: int, model: str, rows: list, out: str) -> None:
+    """One of two gloo ranks: the policy's DDP path, 2 micro-batches of 2 pairs per step."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from transformers import AutoTokenizer
+
+    from ecd_ray.train.policy import Policy
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    torch.set_num_threads(1)
+    try:
+        cfg = TrainConfig(model=model, strategy="ddp", optimizer="sgd", lr=0.5,
+                          schedule="constant", clip_grad=None, loss="sft", max_length=64,
+                          max_prompt_tokens=48, micro_batch_size=2, grad_accum=2)
+        policy = Policy(cfg, Path(model), total_steps=1, distributed=False)
+        policy.model = DistributedDataParallel(policy.module)
+        calls: list[int] = []
+
+        def counting_allreduce(state, bucket):  # noqa: ANN001, ANN202
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            calls.append(policy.micro_steps)
+            return allreduce_hook(state, bucket)
+
+        policy.model.register_comm_hook(None, counting_allreduce)
+        tok = AutoTokenizer.from_pretrained(model)
+        pairs = tokenize_table_rows(tok, rows[rank * 4:(rank + 1) * 4], collate_config(cfg))
+        for start in (0, 2):
+            policy.forward_backward(collate_pairs(pairs[start:start + 2], 2), None)
+        assert calls and set(calls) == {2}, calls  # all-reduce only at the step's last micro
+        if rank == 0:
+            policy.export(Path(out), rank=0)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_accumulation_all_reduces_once_per_step_and_matches_one_process(
+        tmp_path: Path, tiny_model: Path) -> None:
+    """2 DDP ranks x 2 micro-batches of 2 (no_sync on the first) give the weights of one
+    process taking 4 micro-batches of 2: one averaged all-reduce per step is enough."""
+    import torch.multiprocessing as mp
+    from transformers import AutoTokenizer
+
+    from ecd_ray.train.policy import Policy
+
+    rows = pq.read_table(separable_pairs(tmp_path / "pairs", 8) / "pairs.parquet").to_pylist()
+    mp.start_processes(_ddp_rank, args=(_free_port(), str(tiny_model), rows,
+                                        str(tmp_path / "ddp")), nprocs=2, start_method="spawn")
+    cfg = TrainConfig(model=str(tiny_model), strategy="ddp", optimizer="sgd", lr=0.5,
+                      schedule="constant", clip_grad=None, loss="sft", max_length=64,
+                      max_prompt_tokens=48, micro_batch_size=2, grad_accum=4)
+    policy = Policy(cfg, tiny_model, total_steps=1, distributed=False)
+    pairs = tokenize_table_rows(AutoTokenizer.from_pretrained(tiny_model), rows,
+                                collate_config(cfg))
+    for start in range(0, 8, 2):
+        policy.forward_backward(collate_pairs(pairs[start:start + 2], 2), None)
+    policy.export(tmp_path / "single", rank=0)
+    ddp, single, init = _load(tmp_path / "ddp"), _load(tmp_path / "single"), _load(tiny_model)
+    assert max((single[k] - init[k]).abs().max().item() for k in init) > 1e-4
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], rtol=0, atol=2e-6)
+
+
 def _load(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -229,18 +229,96 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, Tens
     }
 
 
+# Response tokens per slice of the chunked log-prob computation: one slice's fp32 logits are
+# chunk x vocab x 4 bytes (200 MB at 1024 tokens and SmolLM2's 49k vocabulary, 525 MB at 128k).
+DEFAULT_LOGPROB_CHUNK = 1024
+
+
 def concatenated_logprobs(
-    model: torch.nn.Module, batch: Mapping[str, Tensor]
+    model: torch.nn.Module, batch: Mapping[str, Tensor], *,
+    chunk: int | None = DEFAULT_LOGPROB_CHUNK,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One forward pass of a causal LM over a :func:`collate_pairs` batch (already on the
     model's device); returns ``(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens)``,
-    each ``[B]``, the log-probs summed over response tokens."""
-    out = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    )
-    logps, tokens = sequence_logprobs(out.logits[:, :-1], batch["labels"], batch["loss_mask"])
+    each ``[B]``, the log-probs summed over response tokens.
+
+    ``chunk=None`` computes the full ``[2B, T, V]`` logits and their fp32 log-softmax (the
+    textbook way; memory ``2B x T x V x 4`` bytes, 2 GiB per sequence-batch at 128k x 2048).
+    Otherwise (the default) the model returns only its final hidden states, and the LM head,
+    log-softmax and gather run over the *response* positions only, ``chunk`` of them at a
+    time, each slice under activation checkpointing: the full-vocabulary logits of the batch
+    never exist, and backward keeps one slice's logits at a time. The two agree to float
+    rounding (tests/test_collate.py)."""
+    if chunk is None:
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        )
+        logps, tokens = sequence_logprobs(out.logits[:, :-1], batch["labels"], batch["loss_mask"])
+    else:
+        logps, tokens = _chunked_logprobs(model, batch, chunk)
     b = logps.shape[0] // 2
     return logps[:b], logps[b:], tokens[:b], tokens[b:]
+
+
+def _hf_model(model: torch.nn.Module) -> Any:
+    """The transformers model inside a DeepSpeed engine or a DDP wrapper."""
+    while not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _slice_logps(head: torch.nn.Module, hidden: Tensor, labels: Tensor, softcap: float | None
+                 ) -> Tensor:
+    logits = head(hidden).float()
+    if softcap:  # Gemma 2 style final-logit soft-capping, as the model's forward applies it
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _chunked_logprobs(model: torch.nn.Module, batch: Mapping[str, Tensor], chunk: int
+                      ) -> tuple[Tensor, Tensor]:
+    from torch.utils.checkpoint import checkpoint
+
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    hf = _hf_model(model)
+    head = hf.get_output_embeddings()
+    if head is None or not hasattr(hf, "get_decoder"):
+        raise ValueError(f"{type(hf).__name__} has no output embeddings/decoder to chunk; use "
+                         "logprobs=full")
+    captured: list[Tensor] = []
+
+    def grab(_module: Any, _args: Any, output: Any) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    # The forward goes through the wrapper (DeepSpeed's ZeRO-3 hooks, DDP) as usual; the
+    # decoder's output (after its final norm) is taken by a hook, and the model's own LM head
+    # is asked for one position only.
+    handle = hf.get_decoder().register_forward_hook(grab)
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"expected one decoder output, captured {len(captured)}")
+    hidden = captured[0][:, :-1]  # position t predicts labels[:, t] (labels are shifted)
+    mask = batch["loss_mask"].bool()
+    rows = mask.nonzero()[:, 0]
+    selected, labels = hidden[mask], batch["labels"][mask].long()
+    softcap = getattr(getattr(hf, "config", None), "final_logit_softcapping", None)
+    parts = []
+    for start in range(0, labels.shape[0], chunk):
+        h, y = selected[start:start + chunk], labels[start:start + chunk]
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(checkpoint(_slice_logps, head, h, y, softcap, use_reentrant=False))
+        else:
+            parts.append(_slice_logps(head, h, y, softcap))
+    token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    dtype = torch.promote_types(token_logps.dtype, torch.float32)
+    sums = torch.zeros(mask.shape[0], dtype=dtype, device=token_logps.device)
+    sums = sums.index_add(0, rows, token_logps.to(dtype))
+    return sums, mask.sum(-1)
 
 
 def bucket_batches(

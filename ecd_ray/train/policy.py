@@ -8,6 +8,7 @@ only feeds it batches and reports.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,6 +27,10 @@ def torch_dtype(cfg: TrainConfig, on_gpu: bool) -> torch.dtype:
     if cfg.dtype == "auto":
         return torch.bfloat16 if on_gpu else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+
+
+def gradient_checkpointing(cfg: TrainConfig, on_gpu: bool) -> bool:
+    return cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and on_gpu)
 
 
 def deepspeed_config(cfg: TrainConfig, total_steps: int, on_gpu: bool) -> dict[str, Any]:
@@ -161,6 +166,10 @@ class Policy:
                                      weight_decay=cfg.weight_decay)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.optimizer, lr_lambda(cfg, total_steps))
+        if gradient_checkpointing(cfg, self.on_gpu):
+            self.module.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.chunk = cfg.logprob_chunk if cfg.logprobs == "chunked" else None
         self.model.train()
 
     # -- one micro-batch ---------------------------------------------------------------------
@@ -169,17 +178,23 @@ class Policy:
                          ) -> LossOutput:
         """Loss of one micro-batch and its backward pass (scaled for accumulation)."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        logps = concatenated_logprobs(self.model, batch)
         ref_c, ref_r = (ref[0].to(self.device), ref[1].to(self.device)) if ref else (None, None)
-        out = preference_loss(self.cfg, logps, ref_c, ref_r)
-        loss = out.losses.mean()
         if self.cfg.strategy == "deepspeed":
-            self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
+            out = preference_loss(self.cfg, concatenated_logprobs(self.model, batch,
+                                                                  chunk=self.chunk), ref_c, ref_r)
+            self.engine.backward(out.losses.mean())  # DeepSpeed divides by grad accumulation
             self.engine.step()  # steps the optimiser only at accumulation boundaries
         else:
-            (loss / self.cfg.grad_accum).backward()
             self.micro_steps += 1
-            if self.micro_steps % self.cfg.grad_accum == 0:
+            boundary = self.micro_steps % self.cfg.grad_accum == 0
+            # DDP all-reduces gradients in backward; between accumulation boundaries that is
+            # wasted traffic, so it only happens on the micro-batch that ends the step.
+            no_sync = getattr(self.model, "no_sync", None)
+            with contextlib.nullcontext() if boundary or no_sync is None else no_sync():
+                out = preference_loss(self.cfg, concatenated_logprobs(
+                    self.model, batch, chunk=self.chunk), ref_c, ref_r)
+                (out.losses.mean() / self.cfg.grad_accum).backward()
+            if boundary:
                 if self.cfg.clip_grad is not None:
                     torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.clip_grad)
                 self.optimizer.step()

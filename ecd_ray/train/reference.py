@@ -2,10 +2,18 @@
 training (fp32 transformers forward) and stored in the pair rows, so that training holds only
 the policy model. Tokenisation is the training collation's, so the numbers are the ones the
 loss would compute on the fly.
+
+The stored log-probs are only valid for the inputs they were computed from: :func:`reference_key`
+names them (pairs, ``max_pairs``, collation, model, dtype) with cheap content fingerprints
+(:func:`fingerprint`), the trainer records the key with the output and recomputes when it
+differs (:func:`key_differences` says why).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +29,93 @@ from ecd_ray.train.collate import (
 )
 
 REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
+# The reference model's precision (bf16 log-probs of long answers drift by whole nats); part of
+# reference_key, so a change of precision recomputes stored log-probs.
+REFERENCE_DTYPE = torch.float32
+
+# Files up to this size are hashed whole (configs, tokenizers, small Parquet shards); larger
+# ones by size, their first and last 64 KiB (a safetensors header, a Parquet footer) and 64
+# samples of 16 KiB spread over the file: a few MiB read even for a 70B model's shards.
+_WHOLE_BYTES = 16 << 20
+_EDGE_BYTES = 64 << 10
+_SAMPLES, _SAMPLE_BYTES = 64, 16 << 10
+
+
+def fingerprint(files: Iterable[Path], root: Path) -> str:
+    """A sha256 over the names (relative to ``root``), sizes and contents (whole or sampled,
+    see ``_WHOLE_BYTES``) of ``files``. Cheap, and equal for a copy of the same files; not a
+    full hash, so two large files that differ only between the samples compare equal."""
+    h = hashlib.sha256()
+    for path in sorted(files):
+        size = path.stat().st_size
+        h.update(f"{path.relative_to(root).as_posix()}\0{size}\0".encode())
+        with path.open("rb") as f:
+            if size <= _WHOLE_BYTES:
+                h.update(f.read())
+                continue
+            offsets = [0, size - _EDGE_BYTES]
+            offsets += [(size - _SAMPLE_BYTES) * i // (_SAMPLES - 1) for i in range(_SAMPLES)]
+            for i, offset in enumerate(offsets):
+                f.seek(offset)
+                h.update(f.read(_EDGE_BYTES if i < 2 else _SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def pairs_identity(pairs: Path) -> dict[str, str]:
+    """The PAIRS Parquet file or folder (its shards, recursively) as ``{path, fingerprint}``."""
+    pairs = pairs.resolve()
+    if pairs.is_file():
+        return {"path": str(pairs), "fingerprint": fingerprint([pairs], pairs.parent)}
+    files = [p for p in pairs.rglob("*.parquet") if p.is_file()]
+    return {"path": str(pairs), "fingerprint": fingerprint(files, pairs)}
+
+
+def model_identity(model_dir: Path) -> dict[str, str]:
+    """A model folder as ``{path, fingerprint}``: every file but hidden ones, so the weights,
+    config.json and the tokenizer and chat template (which decide the tokens) all count."""
+    model_dir = model_dir.resolve()
+    files = [p for p in model_dir.iterdir() if p.is_file() and not p.name.startswith(".")]
+    return {"path": str(model_dir), "fingerprint": fingerprint(files, model_dir)}
+
+
+def reference_key(pairs: Path, model_dir: Path, collate: CollateConfig,
+                  limit: int | None) -> dict[str, Any]:
+    """What stored reference log-probs depend on: which pairs (content, and the first
+    ``limit``), how they are tokenised (the collation and the model's tokenizer), and the
+    model's weights and precision."""
+    return {"pairs": pairs_identity(pairs), "max_pairs": limit,
+            "max_prompt_tokens": collate.max_prompt_tokens, "max_length": collate.max_length,
+            "truncation": collate.truncation, "model": model_identity(model_dir),
+            "dtype": str(REFERENCE_DTYPE).removeprefix("torch.")}
+
+
+def show_value(value: Any) -> str:
+    """A key value as a person (and an override) writes it."""
+    if isinstance(value, Mapping) and "fingerprint" in value:
+        return f"{value.get('path')} (content {str(value['fingerprint'])[:12]})"
+    return json.dumps(value) if value is None or isinstance(value, bool) else str(value)
+
+
+def key_differences(old: Mapping[str, Any], new: Mapping[str, Any], *,
+                    missing_differs: bool = True) -> list[tuple[str, str, str]]:
+    """``(field, old, new)`` for each field of ``new`` whose value differs in ``old``. Files
+    (``{path, fingerprint}``) compare by fingerprint: a moved copy is the same input. A field
+    ``old`` lacks (recorded by an older version) differs only with ``missing_differs``."""
+    out = []
+    for field, value in new.items():
+        if field not in old:
+            if missing_differs:
+                out.append((field, "(not recorded)", show_value(value)))
+            continue
+        before = old[field]
+        if isinstance(value, Mapping) and "fingerprint" in value:
+            same = isinstance(before, Mapping) and \
+                before.get("fingerprint") == value["fingerprint"]
+        else:
+            same = before == value
+        if not same:
+            out.append((field, show_value(before), show_value(value)))
+    return out
 
 
 @torch.inference_mode()
@@ -47,8 +142,7 @@ class ReferenceWorker:
 
         torch.set_num_threads(threads)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        # fp32: bf16 log-probs of long answers drift by whole nats.
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=REFERENCE_DTYPE)
         self.model.eval()
         self.cfg = CollateConfig(**collate)
 

@@ -5,8 +5,10 @@ reference log-probs), and a ``TorchTrainer`` streams each worker its shard
 (``datasets=`` + ``get_dataset_shard``). Each worker wraps the policy in DeepSpeed ZeRO (or
 DDP), buckets pairs by length into micro-batches, and reports metrics every optimiser step and
 a checkpoint every ``checkpoint_every`` steps. A restarted or resumed run loads the last
-checkpoint and skips the micro-batches it had consumed. At the end the (ZeRO-3 sharded) model
-is gathered into an HF folder, ``<run>/model``, that transformers and vLLM load.
+checkpoint and skips the micro-batches it had consumed; a resume whose config would change the
+data order or the step schedule is refused first (:data:`RESUME_KEY_FIELDS`). At the end the
+(ZeRO-3 sharded) model is gathered into an HF folder, ``<run>/model``, that transformers and
+vLLM load.
 
 With ``curriculum=true`` every worker trains on the pairs' ``stage`` from easy (0) to hard:
 see :func:`curriculum_datasets` for how that holds on each worker, not only globally.
@@ -42,7 +44,14 @@ from ecd_ray.train.collate import (
     tokenize_table_rows,
 )
 from ecd_ray.train.losses import LossOutput, reward_metrics
-from ecd_ray.train.reference import REF_COLUMNS
+from ecd_ray.train.reference import (
+    REF_COLUMNS,
+    key_differences,
+    model_identity,
+    pairs_identity,
+    reference_key,
+    show_value,
+)
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +312,86 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _init_ray(cfg: TrainConfig) -> bool:
+RESUME_KEY_FILE = "resume_key.json"
+
+# The fields a resumed run must share with the attempt that wrote its checkpoint. Every attempt
+# records them in <run>/resume_key.json once its config has passed the check; an attempt that
+# resumes compares, before any work, and is refused (ResumeMismatch names each field) when one
+# differs.
+RESUME_KEY_FIELDS = (
+    # Which pairs each worker reads, in which order: the pairs' content (a moved copy is the
+    # same), the first max_pairs, the source read (pairs_ref/ or pairs/: their blocks split
+    # differently over the workers), the split, the chunk shuffle seed, the curriculum stages.
+    "pairs", "max_pairs", "reference", "num_workers", "seed", "curriculum",
+    # Which pairs make a micro-batch: bucketed by tokenised length within bucket_window.
+    "micro_batch_size", "bucket_window", "max_prompt_tokens", "max_length", "truncation",
+    # Which micro-batches make an optimizer step (a resume skips step x grad_accum of the
+    # epoch) and how many steps there are (the length of the cosine or linear decay).
+    "grad_accum", "epochs", "max_steps",
+    # The schedule and optimizer: DDP's checkpoint restores the lr and weight decay themselves
+    # (LambdaLR's base_lrs, the optimizer's param groups) while DeepSpeed recomputes the lr
+    # from the config, so a changed value would be ignored or applied depending on the
+    # strategy; a changed schedule or warm-up bends the curve mid-run.
+    "lr", "schedule", "warmup_steps", "optimizer", "weight_decay",
+    # What the checkpoint holds: the model's weights (by content) and their layout.
+    "model", "strategy", "zero_stage",
+)
+# The fields a resume may change. They take effect from the resumed step on and leave the data
+# order and the schedule alone: the loss and its coefficients, clipping, how log-probs are
+# computed, precision, placement and memory options (a checkpoint that cannot be loaded with
+# them fails loudly), checkpoints, logs, and the run's name and place.
+RESUME_FREE_FIELDS = (
+    "run_name", "output_dir", "overwrite", "resume_from",
+    "loss", "beta", "label_smoothing", "nll_weight", "slic_delta", "slic_reg_weight",
+    "clip_grad", "logprobs", "logprob_chunk", "gradient_checkpointing",
+    "cpus_per_worker", "use_gpu", "dtype", "offload_optimizer", "offload_params",
+    "param_persistence_threshold", "deepspeed_config",
+    "checkpoint_every", "keep_checkpoints", "max_failures", "tensorboard", "data_log", "ray",
+)
+
+
+class ResumeMismatch(ValueError):
+    """A resume whose config differs from its run's in a field of RESUME_KEY_FIELDS."""
+
+
+def resume_key(cfg: TrainConfig, model_dir: Path) -> dict[str, Any]:
+    """The values of RESUME_KEY_FIELDS; the pairs and the model as ``{path, fingerprint}``."""
+    key: dict[str, Any] = {name: getattr(cfg, name) for name in RESUME_KEY_FIELDS}
+    key["pairs"] = pairs_identity(Path(cfg.pairs))
+    key["model"] = model_identity(model_dir)
+    return key
+
+
+def check_resume(checkpoint: Path, key: Mapping[str, Any], run_dir: Path) -> None:
+    """Refuse to resume from ``checkpoint`` (``<run>/ray/attempt-N/step_X``) when ``key``
+    differs from the one its run recorded; a run recorded without one is resumed unchecked."""
+    recorded_in = next((d / RESUME_KEY_FILE for d in checkpoint.parents[:3]
+                        if (d / RESUME_KEY_FILE).is_file()), None)
+    if recorded_in is None:
+        print(f"[ecd-ray] no {RESUME_KEY_FILE} recorded for {checkpoint} (an older version "
+              "wrote it): resuming without checking the config against it", flush=True)
+        return
+    recorded = json.loads(recorded_in.read_text())["fields"]
+    diffs = key_differences(recorded, key, missing_differs=False)
+    if not diffs:
+        return
+    keep = " ".join(
+        f"{f}={recorded[f]['path'] if isinstance(recorded[f], dict) else show_value(recorded[f])}"
+        for f, _, _ in diffs)
+    raise ResumeMismatch(
+        f"cannot resume from {checkpoint}: {len(diffs)} setting(s) that decide the run's data "
+        "order, step schedule or checkpoint contents differ from the ones it started with "
+        f"(recorded in {recorded_in}):\n"
+        + "".join(f"  - {f}: {old} when the run started, {new} now\n" for f, old, new in diffs)
+        + f"To resume, use the recorded value(s): {keep}. To train with the new value(s), "
+        f"start a new run: overwrite=true (deletes {run_dir} and its checkpoints) or another "
+        "run_name.")
+
+
+def init_ray(cfg: TrainConfig) -> bool:
+    """Start local Ray (or join ``ray.address``/``RAY_ADDRESS``) for training, unless Ray is
+    already up; True when this call started it (the caller then shuts it down). Several
+    ``train`` calls inside one such session share one cluster instead of starting one each."""
     import ray
 
     if ray.is_initialized():
@@ -327,16 +415,28 @@ def _reference_stage(cfg: TrainConfig, model_dir: Path) -> Path:
 
     out = cfg.run_dir.resolve() / "pairs_ref"
     done = out / "_SUCCESS"
-    if not done.exists():
-        shutil.rmtree(out, ignore_errors=True)
-        t = time.time()
-        # The training workers are idle during this stage: the reference uses their CPUs.
-        add_reference_logprobs(Path(cfg.pairs).resolve(), out, model_dir, collate_config(cfg),
-                               limit=cfg.max_pairs,
-                               cpus=max(1, int(cfg.num_workers * cfg.cpus_per_worker)))
-        done.write_text(json.dumps({"seconds": round(time.time() - t, 1),
-                                    "model": str(model_dir)}))
-        log.info("reference log-probs written to %s in %.0f s", out, time.time() - t)
+    # The marker records what the log-probs were computed from: reused only when all agree.
+    key = reference_key(Path(cfg.pairs), model_dir, collate_config(cfg), cfg.max_pairs)
+    if done.exists():
+        try:
+            recorded = json.loads(done.read_text()).get("key")
+        except (ValueError, AttributeError):
+            recorded = None
+        diffs = key_differences(recorded, key) if isinstance(recorded, dict) else None
+        if diffs == []:
+            return out
+        why = ", ".join(f"{f} {old} -> {new}" for f, old, new in diffs) if diffs else \
+            "its marker does not record what they were computed from"
+        print(f"[ecd-ray] recomputing the reference log-probs in {out}: {why}", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.time()
+    # The training workers are idle during this stage: the reference uses their CPUs.
+    add_reference_logprobs(Path(cfg.pairs).resolve(), out, model_dir, collate_config(cfg),
+                           limit=cfg.max_pairs,
+                           cpus=max(1, int(cfg.num_workers * cfg.cpus_per_worker)))
+    done.write_text(json.dumps({"seconds": round(time.time() - t, 1), "model": str(model_dir),
+                                "key": key}, indent=2))
+    log.info("reference log-probs written to %s in %.0f s", out, time.time() - t)
     return out
 
 
@@ -449,10 +549,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if (run_dir / "train_summary.json").exists():
         raise FileExistsError(f"{run_dir} holds a finished training run; set overwrite=true or "
                               "choose another run_name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "train_config.json").write_text(cfg.model_dump_json(indent=2))
     model_dir = resolve_model(cfg.model)
-    started_ray = _init_ray(cfg)
+    # A resume whose data order or schedule would differ is refused before anything is written.
+    resume = Path(cfg.resume_from).resolve() if cfg.resume_from else latest_checkpoint(run_dir)
+    key = resume_key(cfg, model_dir)
+    if resume is not None:
+        check_resume(resume, key, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train_config.json").write_text(cfg.model_dump_json(indent=2))  # this attempt's
+    (run_dir / RESUME_KEY_FILE).write_text(json.dumps({"fields": key}, indent=2))
+    started_ray = init_ray(cfg)
     try:
         ray.data.DataContext.get_current().execution_options.preserve_order = True
         source = _reference_stage(cfg, model_dir) if cfg.reference == "precomputed" else \
@@ -466,7 +572,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             datasets, stages = curriculum_datasets(ds, counts, cfg.num_workers)
         n_pairs = sum(counts.values()) if counts is not None else ds.count()
         steps_per_epoch, total_steps = plan_steps(cfg, n_pairs, counts)
-        resume = cfg.resume_from or latest_checkpoint(run_dir)
         attempt = len(list(run_dir.glob("ray/attempt-*")))
         started = time.time()
         trainer = TorchTrainer(
