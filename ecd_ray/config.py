@@ -333,6 +333,10 @@ class TrainConfig(_Model):
     slic_delta: float = Field(1.0, gt=0.0)
     slic_reg_weight: float = Field(0.0, ge=0.0)
     reference: Literal["precomputed", "resident"] = "precomputed"
+    # precomputed: GPUs per reference actor when use_gpu=true (the pool has num_workers /
+    # reference_gpus actors); >1 spreads a model too large for one GPU over several
+    # (device_map=auto). On CPU the pool is num_workers actors of cpus_per_worker CPUs.
+    reference_gpus: int = Field(1, ge=1)
     # optimisation
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(5e-7, gt=0.0)

@@ -231,6 +231,7 @@ MODEL_ALIASES = {"llama-3.3-70b": "llama-3.1-70b", "llama-3-8b": "llama-3.1-8b",
 class GpuSpec:
     name: str
     memory_gib: float
+    bf16_tflops: float | None = None  # dense bf16 tensor-core peak (datasheet), if known
 
     @property
     def memory_bytes(self) -> float:
@@ -252,10 +253,13 @@ class GpuSpec:
 
 # Nominal memory sizes, as the product names give them.
 KNOWN_GPUS: dict[str, GpuSpec] = {g.name: g for g in (
-    GpuSpec("h100-80gb", 80), GpuSpec("h200-141gb", 141), GpuSpec("a100-80gb", 80),
-    GpuSpec("a100-40gb", 40), GpuSpec("l40s-48gb", 48), GpuSpec("l4-24gb", 24),
-    GpuSpec("a10g-24gb", 24),
+    GpuSpec("h100-80gb", 80, 989), GpuSpec("h200-141gb", 141, 989),
+    GpuSpec("a100-80gb", 80, 312), GpuSpec("a100-40gb", 40, 312), GpuSpec("l40s-48gb", 48, 362),
+    GpuSpec("l4-24gb", 24, 121), GpuSpec("a10g-24gb", 24),
 )}
+# The fraction of bf16 peak a plain transformers forward (the reference stage) is assumed to
+# reach, for the plan's time estimate only.
+REFERENCE_MFU = 0.3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,7 +515,8 @@ ACT_BYTES_PER_HIDDEN_TOKEN_LAYER = 34  # Korthikanti et al. 2022, 16-bit, no rec
 
 def _train_numbers(model: ModelSpec, gpu: GpuSpec, *, stage: int, workers: int, b: int,
                    optimizer: str, offload_optimizer: bool, offload_params: bool,
-                   micro_batch_size: int, max_length: int) -> dict[str, Any]:
+                   micro_batch_size: int, max_length: int, logprob_chunk: int | None = None,
+                   checkpointing: bool = False) -> dict[str, Any]:
     P = model.n_params
     n = workers
     params = b * P / (n if stage == 3 else 1)
@@ -525,8 +530,13 @@ def _train_numbers(model: ModelSpec, gpu: GpuSpec, *, stage: int, workers: int, 
     optim = opt_per_param * P / (n if stage >= 1 else 1)
     optim_gpu = 0.0 if offload_optimizer else optim
     tokens = micro_batch_size * 2 * max_length
-    acts = ACT_BYTES_PER_HIDDEN_TOKEN_LAYER * model.hidden_size * tokens * model.n_layers * b / 2
-    logits = tokens * model.vocab_size * (b + 8)
+    per_layer = ACT_BYTES_PER_HIDDEN_TOKEN_LAYER * model.hidden_size * tokens * b / 2
+    # checkpointing keeps each layer's input (hidden x tokens x b) and one layer's activations
+    acts = model.hidden_size * tokens * b * model.n_layers + per_layer if checkpointing else \
+        per_layer * model.n_layers
+    # full: the batch's logits (b bytes) plus fp32 log-softmax and its gradient (8 bytes);
+    # chunked: one slice of logprob_chunk response tokens at a time (ecd_ray.train.collate)
+    logits = min(tokens, logprob_chunk or tokens) * model.vocab_size * (b + 8)
     total = params + working + grads + optim_gpu + acts + logits + TRAIN_RESERVE
     usable = TRAIN_USABLE * gpu.memory_bytes
     host = (optim + 4 * P / (n if stage >= 1 else 1) if offload_optimizer else 0.0) + (
@@ -547,7 +557,10 @@ def plan_training(cfg: Any, model: ModelSpec, gpu: GpuSpec) -> Plan:
         b = 2 if cfg.dtype == "bfloat16" else 4
     args = {"stage": stage, "workers": cfg.num_workers, "b": b, "optimizer": cfg.optimizer,
             "offload_optimizer": cfg.offload_optimizer, "offload_params": cfg.offload_params,
-            "micro_batch_size": cfg.micro_batch_size, "max_length": cfg.max_length}
+            "micro_batch_size": cfg.micro_batch_size, "max_length": cfg.max_length,
+            "logprob_chunk": cfg.logprob_chunk if cfg.logprobs == "chunked" else None,
+            "checkpointing": cfg.gradient_checkpointing == "on" or (
+                cfg.gradient_checkpointing == "auto" and cfg.use_gpu)}
     n = _train_numbers(model, gpu, **args)
     n.update(zero_stage=stage, num_workers=cfg.num_workers, bytes_per_param=b)
     P, w = model.n_params, cfg.num_workers
@@ -573,23 +586,22 @@ def plan_training(cfg: Any, model: ModelSpec, gpu: GpuSpec) -> Plan:
                                         if cfg.offload_optimizer else ")")),
         ("tokens per micro-batch", f"{n['tokens']:,} = {cfg.micro_batch_size} pair(s) x 2 x "
                                    f"{cfg.max_length}"),
-        ("activations (no checkpointing)", f"{gib(n['activations_bytes'])} = 34 x "
-                                           f"{model.hidden_size} x tokens x {model.n_layers} "
-                                           f"layers x {b / 2:g}"),
-        ("logits + fp32 log-softmax", f"{gib(n['logits_bytes'])} = tokens x "
-                                      f"{model.vocab_size} x {b + 8} B"),
+        ("activations" + (" (gradient checkpointing)" if args["checkpointing"] else
+                          " (no checkpointing)"),
+         f"{gib(n['activations_bytes'])} = " + (
+             f"{model.hidden_size} x tokens x {b} B x {model.n_layers} layer inputs + one layer"
+             f"'s 34 x {model.hidden_size} x tokens x {b / 2:g}" if args["checkpointing"] else
+             f"34 x {model.hidden_size} x tokens x {model.n_layers} layers x {b / 2:g}")),
+        ("logits + fp32 log-softmax", f"{gib(n['logits_bytes'])} = " + (
+            f"{args['logprob_chunk']:,} tokens (logprobs=chunked)" if args["logprob_chunk"]
+            else "tokens (logprobs=full)") + f" x {model.vocab_size} x {b + 8} B"),
         ("reserve", gib(TRAIN_RESERVE)),
         ("total per GPU", f"{gib(n['total_bytes_per_gpu'])} of "
                           f"{gib(n['usable_bytes_per_gpu'])} usable (95%)"),
     ]
     if n["host_bytes_per_worker"]:
         plan.rows.append(("host RAM per worker (offload)", gib(n["host_bytes_per_worker"])))
-    if cfg.reference == "resident":
-        plan.rows.append(("host RAM per worker (reference)",
-                          f"{gib(4 * P)} (the resident reference model runs in fp32 on CPU)"))
-    else:
-        plan.notes.append(f"reference=precomputed: each reference actor loads the model in fp32 "
-                          f"on CPU ({gib(4 * P)} of host RAM) before training")
+    _reference_rows(plan, cfg, model, gpu, b)
     if cfg.offload_params and stage != 3:
         plan.problems.append("offload_params needs zero_stage=3")
     if not cfg.use_gpu:
@@ -598,6 +610,60 @@ def plan_training(cfg: Any, model: ModelSpec, gpu: GpuSpec) -> Plan:
     if not n["fits"]:
         plan.problems.append(_train_refusal(model, gpu, cfg, n, args))
     return plan
+
+
+def _reference_rows(plan: Plan, cfg: Any, model: ModelSpec, gpu: GpuSpec, b: int) -> None:
+    """The reference model's memory (and, precomputed, the stage's layout and time)."""
+    from ecd_ray.train.collate import DEFAULT_LOGPROB_CHUNK
+    from ecd_ray.train.reference import REFERENCE_BATCH, reference_layout
+
+    P = model.n_params
+    if cfg.reference == "resident":
+        where = "per GPU" if cfg.use_gpu else "host RAM per worker"
+        plan.rows.append((f"reference model ({where})",
+                          f"{gib(b * P)} (resident, in the policy's precision)"))
+        plan.numbers["reference_bytes"] = b * P
+        return
+    try:
+        layout = reference_layout(cfg)
+    except ValueError as exc:
+        plan.problems.append(str(exc))
+        return
+    tokens = REFERENCE_BATCH * 2 * cfg.max_length
+    # inference: weights, one layer's activations at a time, one chunk of fp32 logits
+    work = 4 * model.hidden_size * tokens * b + \
+        min(tokens, DEFAULT_LOGPROB_CHUNK) * model.vocab_size * 4 * 2
+    per = b * P / max(1, layout.gpus) + work + TRAIN_RESERVE
+    where = f"{layout.gpus} x {gpu.name}" if layout.gpus else f"{layout.cpus:g} CPUs"
+    plan.rows.append(("reference stage (precomputed)",
+                      f"{layout.replicas} actor(s) x {where}, {layout.dtype}, the workers' "
+                      "resource shape"))
+    plan.rows.append((f"reference memory per {'GPU' if layout.gpus else 'actor (host RAM)'}",
+                      f"{gib(per)} = weights {gib(b * P / max(1, layout.gpus))} + "
+                      f"{REFERENCE_BATCH} pairs x 2 x {cfg.max_length} tokens of activations "
+                      "and one logits chunk + reserve"))
+    plan.numbers.update(reference_replicas=layout.replicas, reference_gpus=layout.gpus,
+                        reference_bytes_per_device=per)
+    if layout.gpus and gpu.bf16_tflops:
+        flops = 2 * P * 2 * cfg.max_length  # per pair, every sequence at max_length
+        secs = 1000 * flops / (layout.replicas * REFERENCE_MFU * gpu.bf16_tflops * 1e12)
+        plan.rows.append(("reference time", f"<= {secs:.0f} s per 1,000 pairs ({layout.replicas}"
+                                            f" actor(s) at {REFERENCE_MFU:.0%} of "
+                                            f"{gpu.bf16_tflops:g} bf16 TFLOPS; sequences at "
+                                            "max_length, an upper bound)"))
+        plan.numbers["reference_s_per_1k_pairs"] = secs
+    elif not layout.gpus:
+        plan.notes.append("reference on CPU: time not estimated (measure it: benchmarks/"
+                          "bench_train.py)")
+    if layout.gpus and per > TRAIN_USABLE * gpu.memory_bytes:
+        need = next((g for g in _powers_of_two(layout.gpus * 2, cfg.num_workers + 1)
+                     if b * P / g + work + TRAIN_RESERVE <= TRAIN_USABLE * gpu.memory_bytes),
+                    None)
+        plan.problems.append(
+            f"the reference model needs {gib(per)} per GPU, more than the "
+            f"{gib(TRAIN_USABLE * gpu.memory_bytes)} usable on {gpu.name}: "
+            + (f"set reference_gpus={need}" if need else "use reference=resident with ZeRO-3 "
+               "or larger GPUs"))
 
 
 def _train_refusal(model: ModelSpec, gpu: GpuSpec, cfg: Any, n: dict[str, Any],

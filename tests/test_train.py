@@ -56,13 +56,44 @@ def test_deepspeed_config_is_generated_from_the_project_config(tmp_path: Path) -
     assert ds["gradient_accumulation_steps"] == 8 and ds["train_micro_batch_size_per_gpu"] == 1
     assert ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["params"] == {"lr": 1e-5, "weight_decay": 0.0, "torch_adam": True}
-    assert ds["scheduler"]["type"] == "WarmupCosineLR"
-    assert ds["scheduler"]["params"]["warmup_num_steps"] == 3
+    assert "scheduler" not in ds  # Policy passes lr_lambda's LambdaLR (both strategies)
     override = tmp_path / "ds.json"
     override.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
     ds = deepspeed_config(cfg.model_copy(update={"deepspeed_config": str(override)}), 100, False)
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"]
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"  # merged, not replaced
+
+
+def test_deepspeed_and_ddp_follow_the_same_lr_schedule(tmp_path: Path, tiny_model: Path) -> None:
+    """The lr of every optimizer step, ZeRO-3 and DDP, against cosine computed by hand: no
+    hidden warm-up (DeepSpeed's WarmupCosineLR forces 2 steps of it)."""
+    import math
+
+    from ecd_ray.train.policy import Policy
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+                       "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                       "DS_ACCELERATOR": "cpu"})
+    rows = pq.read_table(separable_pairs(tmp_path / "pairs", 6) / "pairs.parquet").to_pylist()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    want = [0.5 * (1 + math.cos(math.pi * k / 6)) * 1e-3 for k in range(6)]
+    warm = [1e-3 * 1 / 3, 1e-3 * 2 / 3] + [  # 2 linear warm-up steps, then cosine over 4
+        0.5 * (1 + math.cos(math.pi * k / 4)) * 1e-3 for k in range(4)]
+    for strategy in ("deepspeed", "ddp"):
+        for warmup, expected in ((0, want), (2, warm)):
+            cfg = TrainConfig(model=str(tiny_model), strategy=strategy, lr=1e-3,
+                              schedule="cosine", warmup_steps=warmup, micro_batch_size=1,
+                              grad_accum=1, max_length=64, max_prompt_tokens=48, loss="sft",
+                              param_persistence_threshold=0)
+            policy = Policy(cfg, tiny_model, total_steps=6, distributed=False)
+            pairs = tokenize_table_rows(tok, rows, collate_config(cfg))
+            seen = []
+            for p in pairs:
+                seen.append(policy.lr())  # the rate the next optimizer step uses
+                policy.forward_backward(collate_pairs([p], 2), None)
+            assert seen == pytest.approx(expected, rel=1e-9, abs=1e-12), (strategy, warmup)
 
 
 def test_train_config_errors(tmp_path: Path) -> None:
@@ -199,14 +230,17 @@ def test_precomputed_reference_logprobs_equal_on_the_fly(tmp_path: Path,
 
     pairs = separable_pairs(tmp_path / "pairs", 12)
     cfg = CollateConfig(max_prompt_tokens=48, max_length=64)
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
-        add_reference_logprobs(pairs, tmp_path / "ref", tiny_model, cfg)
+    # 3 logical CPUs: the two actors' and one for the read and write tasks (the trainer keeps
+    # the same headroom)
+    ray.init(address="local", num_cpus=3, include_dashboard=False)
+    try:  # a pool of two 1-CPU actors (the CPU layout of 2 workers x 1 CPU) shares the blocks
+        add_reference_logprobs(pairs, tmp_path / "ref", tiny_model, cfg, replicas=2, cpus=1)
     finally:
         ray.shutdown()
     shards = sorted((tmp_path / "ref").glob("*.parquet"))
     stored = pa.concat_tables(pq.read_table(p) for p in shards)
     rows = stored.to_pylist()
+    assert sorted(r["pair_id"] for r in rows) == sorted(f"p{i}" for i in range(12))
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     with torch.no_grad():

@@ -50,20 +50,6 @@ def deepspeed_config(cfg: TrainConfig, total_steps: int, on_gpu: bool) -> dict[s
                                                  "torch_adam": not on_gpu}}
     else:
         optimizer = {"type": "SGD", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay}}
-    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-    # DeepSpeed's schedulers need >= 1 warm-up step; "no warm-up" is one step starting at lr.
-    start = 0.0 if warmup else 1.0
-    schedulers = {
-        "cosine": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": total_steps + 1, "warmup_num_steps": max(warmup, 1),
-            "warmup_min_ratio": start, "cos_min_ratio": 0.0}},
-        "linear": {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": total_steps + 1, "warmup_num_steps": max(warmup, 1),
-            "warmup_min_lr": start * cfg.lr, "warmup_max_lr": cfg.lr}},
-        "constant": {"type": "WarmupLR", "params": {
-            "warmup_num_steps": max(warmup, 1), "warmup_min_lr": start * cfg.lr,
-            "warmup_max_lr": cfg.lr, "warmup_type": "linear"}},
-    }
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -71,7 +57,10 @@ def deepspeed_config(cfg: TrainConfig, total_steps: int, on_gpu: bool) -> dict[s
         "wall_clock_breakdown": False,
         "zero_optimization": zero,
         "optimizer": optimizer,
-        "scheduler": schedulers[cfg.schedule],
+        # No "scheduler": Policy passes lr_lambda's LambdaLR to deepspeed.initialize, the
+        # schedule the DDP path uses. DeepSpeed's own WarmupCosineLR forces at least 2 warm-up
+        # steps and a log-shaped warm-up, so the two strategies (and TRL) would differ. A
+        # "scheduler" in deepspeed_config (the JSON override) is used instead when given.
         "bf16": {"enabled": torch_dtype(cfg, on_gpu) == torch.bfloat16},
     }
     if cfg.optimizer == "sgd" and cfg.zero_stage > 0:
@@ -84,7 +73,9 @@ def deepspeed_config(cfg: TrainConfig, total_steps: int, on_gpu: bool) -> dict[s
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int) -> Any:
-    """The DDP path's schedule, the same shapes as DeepSpeed's (a multiplier of ``cfg.lr``)."""
+    """The lr schedule of both strategies, a multiplier of ``cfg.lr`` per optimizer step: linear
+    warm-up over ``warmup_steps``, then cosine to 0 / linear to 0 / constant (step k of the run
+    uses ``factor(k)``; TRL's and transformers' cosine schedule without warm-up is the same)."""
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
 
     def factor(step: int) -> float:
@@ -145,12 +136,16 @@ class Policy:
 
                 hf_ds = HfDeepSpeedConfig(self.ds_config)  # partitions the weights at load
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+            own = "scheduler" in self.ds_config  # set in the deepspeed_config JSON override
             self.engine, _, _, _ = deepspeed.initialize(
-                model=model, model_parameters=model.parameters(), config=self.ds_config)
+                model=model, model_parameters=model.parameters(), config=self.ds_config,
+                lr_scheduler=None if own else lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                    opt, lr_lambda(cfg, total_steps)))
             del hf_ds
-            # DeepSpeed's schedulers start at iteration -1, i.e. lr 0 for the first optimiser
-            # step; start them at iteration 0 so that step k uses the schedule's k-th value.
-            self.engine.lr_scheduler.step(0)
+            if own:
+                # DeepSpeed's schedulers start at iteration -1, i.e. lr 0 for the first
+                # optimiser step; start at 0 so that step k uses the schedule's k-th value.
+                self.engine.lr_scheduler.step(0)
             self.model = self.engine
             self.module = self.engine.module
         else:

@@ -1,7 +1,13 @@
 """Reference-model log-probs of each pair's chosen and rejected answers, computed once before
-training (fp32 transformers forward) and stored in the pair rows, so that training holds only
-the policy model. Tokenisation is the training collation's, so the numbers are the ones the
-loss would compute on the fly.
+training and stored in the pair rows, so that training holds only the policy model.
+Tokenisation is the training collation's, so the numbers are the ones the loss would compute on
+the fly.
+
+The stage is a pool of Ray Data actors laid out like the training workers
+(:func:`reference_layout`): on GPUs one actor per ``reference_gpus`` GPUs, in the policy's
+compute precision (bf16 by default), on CPUs one actor per training worker with its CPUs, in
+fp32. Every actor has a training worker's resource shape, so wherever training can be
+scheduled, so can the reference stage; the pairs are sharded over the pool by blocks.
 
 The stored log-probs are only valid for the inputs they were computed from: :func:`reference_key`
 names them (pairs, ``max_pairs``, collation, model, dtype) with cheap content fingerprints
@@ -13,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +37,33 @@ from ecd_ray.train.collate import (
 )
 
 REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
-# The reference model's precision (bf16 log-probs of long answers drift by whole nats); part of
-# reference_key, so a change of precision recomputes stored log-probs.
-REFERENCE_DTYPE = torch.float32
+# The precision rule: the reference runs in the policy's compute precision (fp32 on CPU, bf16
+# on GPU unless dtype says otherwise), so that at step 0, when policy == reference, the DPO
+# margin is exactly 0. The precision is part of reference_key: changing it recomputes.
+REFERENCE_BATCH = 8  # pairs per reference forward
+
+
+@dataclass(frozen=True)
+class ReferenceLayout:
+    """How the reference stage runs: ``replicas`` actors of ``cpus`` CPUs and ``gpus`` GPUs
+    each, the model in ``dtype``."""
+
+    replicas: int
+    cpus: float
+    gpus: int
+    dtype: str
+
+
+def reference_layout(cfg: Any) -> ReferenceLayout:
+    """The reference pool of a TrainConfig (see the module docstring)."""
+    dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if cfg.use_gpu else "float32"
+    if cfg.use_gpu:
+        if cfg.reference_gpus > cfg.num_workers:
+            raise ValueError(f"reference_gpus ({cfg.reference_gpus}) exceeds the training "
+                             f"workers' GPUs (num_workers={cfg.num_workers})")
+        return ReferenceLayout(max(1, cfg.num_workers // cfg.reference_gpus),
+                               cfg.cpus_per_worker, cfg.reference_gpus, dtype)
+    return ReferenceLayout(cfg.num_workers, cfg.cpus_per_worker, 0, dtype)
 
 # Files up to this size are hashed whole (configs, tokenizers, small Parquet shards); larger
 # ones by size, their first and last 64 KiB (a safetensors header, a Parquet footer) and 64
@@ -79,14 +111,14 @@ def model_identity(model_dir: Path) -> dict[str, str]:
 
 
 def reference_key(pairs: Path, model_dir: Path, collate: CollateConfig,
-                  limit: int | None) -> dict[str, Any]:
+                  limit: int | None, dtype: str = "float32") -> dict[str, Any]:
     """What stored reference log-probs depend on: which pairs (content, and the first
     ``limit``), how they are tokenised (the collation and the model's tokenizer), and the
     model's weights and precision."""
     return {"pairs": pairs_identity(pairs), "max_pairs": limit,
             "max_prompt_tokens": collate.max_prompt_tokens, "max_length": collate.max_length,
             "truncation": collate.truncation, "model": model_identity(model_dir),
-            "dtype": str(REFERENCE_DTYPE).removeprefix("torch.")}
+            "dtype": dtype}
 
 
 def show_value(value: Any) -> str:
@@ -120,14 +152,16 @@ def key_differences(old: Mapping[str, Any], new: Mapping[str, Any], *,
 
 @torch.inference_mode()
 def reference_logprobs(model: Any, tokenizer: Any, rows: list[dict[str, Any]],
-                       cfg: CollateConfig, batch_size: int = 8) -> tuple[list[float], list[float]]:
+                       cfg: CollateConfig, batch_size: int = REFERENCE_BATCH,
+                       device: torch.device | str = "cpu") -> tuple[list[float], list[float]]:
     """Summed response log-probs of chosen and rejected for each PAIRS row, in order."""
     pairs = tokenize_table_rows(tokenizer, rows, cfg)
     chosen: list[float] = []
     rejected: list[float] = []
     pad = pad_token_id(tokenizer)
     for start in range(0, len(pairs), batch_size):
-        batch = collate_pairs(pairs[start : start + batch_size], pad)
+        batch = {k: v.to(device) for k, v in
+                 collate_pairs(pairs[start : start + batch_size], pad).items()}
         c, r, _, _ = concatenated_logprobs(model, batch)
         chosen += c.double().tolist()
         rejected += r.double().tolist()
@@ -137,12 +171,19 @@ def reference_logprobs(model: Any, tokenizer: Any, rows: list[dict[str, Any]],
 class ReferenceWorker:
     """Ray Data actor: adds ``ref_chosen_logp`` / ``ref_rejected_logp`` to PAIRS batches."""
 
-    def __init__(self, model_dir: str, collate: dict[str, Any], threads: int = 1):
+    def __init__(self, model_dir: str, collate: dict[str, Any], threads: int = 1,
+                 dtype: str = "float32", gpus: int = 0):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(threads)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=REFERENCE_DTYPE)
+        kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+        if gpus > 1:
+            kwargs["device_map"] = "auto"  # split over this actor's GPUs
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        if gpus == 1:
+            self.model.to("cuda")
+        self.device = next(self.model.parameters()).device
         self.model.eval()
         self.cfg = CollateConfig(**collate)
 
@@ -152,7 +193,7 @@ class ReferenceWorker:
                 raise KeyError(f"reference stage needs column '{name}'; input has "
                                f"{batch.column_names}")
         chosen, rejected = reference_logprobs(self.model, self.tokenizer, batch.to_pylist(),
-                                              self.cfg)
+                                              self.cfg, device=self.device)
         batch = batch.drop_columns([c for c in REF_COLUMNS if c in batch.column_names])
         return batch.append_column(REF_COLUMNS[0], pa.array(chosen, pa.float64())).append_column(
             REF_COLUMNS[1], pa.array(rejected, pa.float64()))
@@ -160,20 +201,25 @@ class ReferenceWorker:
 
 def add_reference_logprobs(pairs_dir: Path, out_dir: Path, model_dir: Path,
                            collate: CollateConfig, *, limit: int | None = None,
-                           replicas: int = 1, cpus: int = 1) -> int:
+                           replicas: int = 1, cpus: float = 1, gpus: int = 0,
+                           dtype: str = "float32", block_rows: int = 32) -> int:
     """The reference stage: read PAIRS shards (the first ``limit``), write them back with the
-    two ref columns. Each of the ``replicas`` actors uses ``cpus`` cores."""
+    two ref columns. ``replicas`` actors of ``cpus`` CPUs and ``gpus`` GPUs each share the
+    blocks of ``block_rows`` pairs; returns the number of shards written."""
     import ray
 
     ds = ray.data.read_parquet(str(pairs_dir), num_cpus=0.25)
     if limit is not None:
         ds = ds.limit(limit)
+    # At least two blocks per actor, so that every actor of the pool gets work.
+    block_rows = max(1, min(block_rows, math.ceil(ds.count() / (2 * replicas))))
     ds = ds.map_batches(
         ReferenceWorker,
         fn_constructor_kwargs={"model_dir": str(model_dir), "collate": collate.__dict__,
-                               "threads": cpus},
-        batch_size=32, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=replicas), num_cpus=cpus,
+                               "threads": max(1, math.floor(cpus)), "dtype": dtype,
+                               "gpus": gpus},
+        batch_size=block_rows, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=replicas), num_cpus=cpus, num_gpus=gpus,
     )
     ds.write_parquet(str(out_dir), ray_remote_args={"num_cpus": 0.25})
     return sum(1 for _ in out_dir.glob("*.parquet"))

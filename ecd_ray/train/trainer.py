@@ -228,7 +228,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     from transformers import AutoTokenizer
 
-    from ecd_ray.train.policy import Policy
+    from ecd_ray.train.policy import Policy, torch_dtype
 
     cfg = TrainConfig.model_validate_json(config["cfg_json"])
     ctx = ray.train.get_context()
@@ -241,7 +241,9 @@ def train_loop(config: dict[str, Any]) -> None:
     if cfg.reference == "resident":
         from transformers import AutoModelForCausalLM
 
-        ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        # The policy's compute precision and device (the precision rule in reference.py).
+        ref_model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch_dtype(cfg, policy.on_gpu)).to(policy.device).eval()
     state = _restore(policy, config)
     logger = _Logger(run_dir, rank, cfg.tensorboard)
     if rank == 0 and state.get("resumed_from"):
@@ -411,12 +413,14 @@ def init_ray(cfg: TrainConfig) -> bool:
 
 
 def _reference_stage(cfg: TrainConfig, model_dir: Path) -> Path:
-    from ecd_ray.train.reference import add_reference_logprobs
+    from ecd_ray.train.reference import add_reference_logprobs, reference_layout
 
     out = cfg.run_dir.resolve() / "pairs_ref"
     done = out / "_SUCCESS"
+    layout = reference_layout(cfg)
     # The marker records what the log-probs were computed from: reused only when all agree.
-    key = reference_key(Path(cfg.pairs), model_dir, collate_config(cfg), cfg.max_pairs)
+    key = reference_key(Path(cfg.pairs), model_dir, collate_config(cfg), cfg.max_pairs,
+                        layout.dtype)
     if done.exists():
         try:
             recorded = json.loads(done.read_text()).get("key")
@@ -430,12 +434,14 @@ def _reference_stage(cfg: TrainConfig, model_dir: Path) -> Path:
         print(f"[ecd-ray] recomputing the reference log-probs in {out}: {why}", flush=True)
     shutil.rmtree(out, ignore_errors=True)
     t = time.time()
-    # The training workers are idle during this stage: the reference uses their CPUs.
+    # The training workers do not exist yet: the reference pool takes their resources.
+    print(f"[ecd-ray] reference log-probs: {layout.replicas} actor(s) x {layout.cpus:g} CPU"
+          f"{f' x {layout.gpus} GPU' if layout.gpus else ''}, {layout.dtype}", flush=True)
     add_reference_logprobs(Path(cfg.pairs).resolve(), out, model_dir, collate_config(cfg),
-                           limit=cfg.max_pairs,
-                           cpus=max(1, int(cfg.num_workers * cfg.cpus_per_worker)))
+                           limit=cfg.max_pairs, replicas=layout.replicas, cpus=layout.cpus,
+                           gpus=layout.gpus, dtype=layout.dtype)
     done.write_text(json.dumps({"seconds": round(time.time() - t, 1), "model": str(model_dir),
-                                "key": key}, indent=2))
+                                "layout": layout.__dict__, "key": key}, indent=2))
     log.info("reference log-probs written to %s in %.0f s", out, time.time() - t)
     return out
 
