@@ -295,6 +295,36 @@ def test_zero3_two_workers_learns_checkpoints_and_resumes(tmp_path: Path, tiny_m
         assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-5)
 
 
+def test_zero3_chunked_logprobs_with_uneven_ranks_match_full(tmp_path: Path, tiny_model: Path
+                                                             ) -> None:
+    """ZeRO-3 over 2 workers whose micro-batches hold different numbers of response tokens,
+    in slices of 3: no rank waits on a collective the other never calls (the demo hung so),
+    and the losses equal the full-logits path's."""
+    import signal
+
+    rows = pq.read_table(separable_pairs(tmp_path / "pairs", 16) / "pairs.parquet").to_pylist()
+    for i, r in enumerate(rows):  # responses of 1 to 9 words: uneven token counts per rank
+        r["chosen"] = [{"role": "assistant", "content": " ".join(["yes"] * (1 + i % 9))}]
+    pq.write_table(pa.Table.from_pylist(rows, schema=PAIRS), tmp_path / "pairs" /
+                   "pairs.parquet")
+
+    def hung(*_: object) -> None:
+        raise TimeoutError("ZeRO-3 training with chunked log-probs hung")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(900)
+    try:
+        runs = {how: train(_cfg(tmp_path, tiny_model, tmp_path / "pairs", f"run_name={how}",
+                                "max_steps=2", "checkpoint_every=100", *extra))
+                for how, extra in (("chunked", ["logprob_chunk=3"]), ("full", ["logprobs=full"]))}
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert runs["chunked"]["steps"] == runs["full"]["steps"] == 2
+    for a, b in zip(_metrics(tmp_path / "chunked"), _metrics(tmp_path / "full"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
 def test_ddp_strategy_trains_checkpoints_and_resumes(tmp_path: Path, tiny_model: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The plain-DDP path: torch AdamW + LambdaLR, rank-0 checkpoints, resume at the step."""

@@ -247,8 +247,9 @@ def concatenated_logprobs(
     Otherwise (the default) the model returns only its final hidden states, and the LM head,
     log-softmax and gather run over the *response* positions only, ``chunk`` of them at a
     time, each slice under activation checkpointing: the full-vocabulary logits of the batch
-    never exist, and backward keeps one slice's logits at a time. The two agree to float
-    rounding (tests/test_collate.py)."""
+    never exist, and backward keeps one slice's logits at a time. Under ZeRO-3 the head runs
+    once over the response positions (see ``_chunked_logprobs``) and only the fp32 part is
+    sliced. The two agree to float rounding (tests/test_collate.py)."""
     if chunk is None:
         out = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
@@ -267,12 +268,16 @@ def _hf_model(model: torch.nn.Module) -> Any:
     return model
 
 
-def _slice_logps(head: torch.nn.Module, hidden: Tensor, labels: Tensor, softcap: float | None
-                 ) -> Tensor:
-    logits = head(hidden).float()
+def _logits_logps(logits: Tensor, labels: Tensor, softcap: float | None) -> Tensor:
+    logits = logits.float()
     if softcap:  # Gemma 2 style final-logit soft-capping, as the model's forward applies it
         logits = torch.tanh(logits / softcap) * softcap
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _slice_logps(head: torch.nn.Module, hidden: Tensor, labels: Tensor, softcap: float | None
+                 ) -> Tensor:
+    return _logits_logps(head(hidden), labels, softcap)
 
 
 def _chunked_logprobs(model: torch.nn.Module, batch: Mapping[str, Tensor], chunk: int
@@ -307,13 +312,23 @@ def _chunked_logprobs(model: torch.nn.Module, batch: Mapping[str, Tensor], chunk
     rows = mask.nonzero()[:, 0]
     selected, labels = hidden[mask], batch["labels"][mask].long()
     softcap = getattr(getattr(hf, "config", None), "final_logit_softcapping", None)
+    grad = torch.is_grad_enabled() and selected.requires_grad
     parts = []
-    for start in range(0, labels.shape[0], chunk):
-        h, y = selected[start:start + chunk], labels[start:start + chunk]
-        if torch.is_grad_enabled() and h.requires_grad:
-            parts.append(checkpoint(_slice_logps, head, h, y, softcap, use_reentrant=False))
-        else:
-            parts.append(_slice_logps(head, h, y, softcap))
+    if hasattr(getattr(head, "weight", None), "ds_id"):
+        # ZeRO-3 partitions the head: each call of it gathers its weight, a collective that
+        # must run as many times on every rank, while the number of response tokens (so of
+        # slices) differs between ranks. So the head runs once over all response tokens (still
+        # never prompt or padding positions), and the fp32 log-softmax by slices.
+        logits = head(selected)
+        for start in range(0, labels.shape[0], chunk):
+            z, y = logits[start:start + chunk], labels[start:start + chunk]
+            parts.append(checkpoint(_logits_logps, z, y, softcap, use_reentrant=False) if grad
+                         else _logits_logps(z, y, softcap))
+    else:
+        for start in range(0, labels.shape[0], chunk):
+            h, y = selected[start:start + chunk], labels[start:start + chunk]
+            parts.append(checkpoint(_slice_logps, head, h, y, softcap, use_reentrant=False)
+                         if grad else _slice_logps(head, h, y, softcap))
     token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
     dtype = torch.promote_types(token_logps.dtype, torch.float32)
     sums = torch.zeros(mask.shape[0], dtype=dtype, device=token_logps.device)

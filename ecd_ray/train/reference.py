@@ -211,8 +211,13 @@ def add_reference_logprobs(pairs_dir: Path, out_dir: Path, model_dir: Path,
     ds = ray.data.read_parquet(str(pairs_dir), num_cpus=0.25)
     if limit is not None:
         ds = ds.limit(limit)
-    # At least two blocks per actor, so that every actor of the pool gets work.
-    block_rows = max(1, min(block_rows, math.ceil(ds.count() / (2 * replicas))))
+    # At least two blocks per actor, so that every actor of the pool gets work: an actor
+    # takes whole blocks, and a small pairs file reads as one block. (Large inputs already
+    # come in many blocks, one or more per file, and are not reshuffled.)
+    n = ds.count()
+    block_rows = max(1, min(block_rows, math.ceil(n / (2 * replicas))))
+    if replicas > 1 and 0 < n <= 100_000:
+        ds = ds.repartition(math.ceil(n / block_rows))
     ds = ds.map_batches(
         ReferenceWorker,
         fn_constructor_kwargs={"model_dir": str(model_dir), "collate": collate.__dict__,

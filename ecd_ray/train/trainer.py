@@ -390,6 +390,18 @@ def check_resume(checkpoint: Path, key: Mapping[str, Any], run_dir: Path) -> Non
         "run_name.")
 
 
+PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_local_ray_logs() -> None:
+    """Ray worker set-up hook of the local Ray that ``train`` starts. Ray Train's placement-group
+    cleaner polls the State API, which a Ray started without its dashboard does not serve, and
+    warns about it every second for the whole run (~90 lines in the demo); only its errors
+    are kept. (It guards against a controller that dies ungracefully; a local run's
+    ``ray.shutdown`` removes the placement groups anyway.)"""
+    logging.getLogger(PG_CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
 def init_ray(cfg: TrainConfig) -> bool:
     """Start local Ray (or join ``ray.address``/``RAY_ADDRESS``) for training, unless Ray is
     already up; True when this call started it (the caller then shuts it down). Several
@@ -408,7 +420,9 @@ def init_ray(cfg: TrainConfig) -> bool:
     # Logical CPUs: the workers plus headroom for Ray Data's read and split tasks.
     needed = int(cfg.num_workers * cfg.cpus_per_worker + 2)
     ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, needed),
-             include_dashboard=False, runtime_env={"env_vars": env})
+             include_dashboard=False, runtime_env={
+                 "env_vars": env,
+                 "worker_process_setup_hook": "ecd_ray.train.trainer.quiet_local_ray_logs"})
     return True
 
 
