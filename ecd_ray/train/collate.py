@@ -319,14 +319,14 @@ def _chunked_logprobs(model: torch.nn.Module, batch: Mapping[str, Tensor], chunk
         # must run as many times on every rank, while the number of response tokens (so of
         # slices) differs between ranks. So the head runs once over all response tokens (still
         # never prompt or padding positions), and the fp32 log-softmax by slices.
-        logits = head(selected)
-        for start in range(0, labels.shape[0], chunk):
-            z, y = logits[start:start + chunk], labels[start:start + chunk]
+        # torch.split, not slicing: its backward concatenates the slices' gradients once,
+        # where each slice's backward would allocate a zero-filled [N, V] gradient
+        for z, y in zip(torch.split(head(selected), chunk), torch.split(labels, chunk),
+                        strict=True):
             parts.append(checkpoint(_logits_logps, z, y, softcap, use_reentrant=False) if grad
                          else _logits_logps(z, y, softcap))
     else:
-        for start in range(0, labels.shape[0], chunk):
-            h, y = selected[start:start + chunk], labels[start:start + chunk]
+        for h, y in zip(torch.split(selected, chunk), torch.split(labels, chunk), strict=True):
             parts.append(checkpoint(_slice_logps, head, h, y, softcap, use_reentrant=False)
                          if grad else _slice_logps(head, h, y, softcap))
     token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
