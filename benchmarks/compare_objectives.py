@@ -112,7 +112,8 @@ def train_all(args: argparse.Namespace, pairs: Path, work: Path) -> dict[str, di
     from ecd_ray.config import load_train_config
     from ecd_ray.train.trainer import init_ray
 
-    started = init_ray(load_train_config(None, [f"num_workers={args.num_workers}",
+    started = init_ray(load_train_config(None, [f"pairs={pairs}", f"model={args.model}",
+                                                f"num_workers={args.num_workers}",
                                                 f"cpus_per_worker={args.cpus_per_worker}"]))
     try:
         return {name: train_one(name, args, pairs, work) for name in args.objectives}

@@ -347,6 +347,7 @@ RESUME_FREE_FIELDS = (
     "loss", "beta", "label_smoothing", "nll_weight", "slic_delta", "slic_reg_weight",
     "clip_grad", "logprobs", "logprob_chunk", "gradient_checkpointing",
     "cpus_per_worker", "use_gpu", "dtype", "offload_optimizer", "offload_params",
+    "reference_gpus",  # the reference pool's layout; its output is reused or keyed anyway
     "param_persistence_threshold", "deepspeed_config",
     "checkpoint_every", "keep_checkpoints", "max_failures", "tensorboard", "data_log", "ray",
 )
