@@ -81,13 +81,16 @@ def summary(manifest: dict[str, Any]) -> str:
 
 
 def _generate(cfg: RunConfig, verbose: bool = False) -> int:
-    from ecd_ray.pipeline.generate import RunInterrupted, generate, resume_command
+    from ecd_ray.pipeline.generate import DiskFull, RunInterrupted, generate, resume_command
 
     try:
         manifest = generate(cfg, verbose=verbose)
-    except FileExistsError as exc:
+    except FileExistsError as exc:  # a finished run, another config, or another process's
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except DiskFull as exc:
+        print(f"error: {exc}; resume with:\n  {resume_command()}", file=sys.stderr)
+        return 1
     except RunInterrupted as exc:
         print(f"\nstopped: {exc}; the run is resumable, with:\n  {resume_command()}",
               file=sys.stderr)
@@ -197,13 +200,12 @@ def _train_table(s: dict[str, Any]) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ecd_ray.train.trainer import train
-
     try:
         cfg = load_train_config(args.config, args.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from ecd_ray.train.trainer import train  # torch: only once the config is valid
     try:
         s = train(cfg)
     except (FileExistsError, ValueError) as exc:

@@ -42,6 +42,27 @@ class ConfigError(ValueError):
         super().__init__(f"invalid configuration ({len(problems)} problem(s)):\n{lines}")
 
 
+def plain_folder_name(name: str) -> str:
+    """``name`` if it names one folder directly inside ``output_dir``; else a ValueError that
+    says why. A run's folder is created, written and (with ``overwrite``) deleted: a name
+    holding a path (``../x``, ``/etc``, ``a/b``, ``a\\b``) could point any of that elsewhere."""
+    problem = None
+    if not name.strip():
+        problem = "is empty"
+    elif name in (".", ".."):
+        problem = f"is '{name}', which is not a folder of its own"
+    elif "\0" in name:
+        problem = "holds a NUL character"
+    elif "/" in name or "\\" in name:
+        problem = "holds a path separator ('/' or '\\')"
+    elif name != name.strip():
+        problem = "starts or ends with white space"
+    if problem is not None:
+        raise ValueError(f"run_name {problem}: it must be a plain folder name inside output_dir,"
+                         " such as 'demo' or 'run-2'; put other folders in output_dir instead")
+    return name
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -120,6 +141,10 @@ class EngineConfig(_Model):
 
     engine: Literal["auto", "transformers", "vllm", "openai"] = "auto"
     model: str = EMBEDDED_MODEL
+    # Run Python code that a model folder ships (its own modelling or tokenizer files) when
+    # transformers or vLLM loads it. Only for a model whose code you have read: the manifest
+    # records the value. The openai engine loads nothing and ignores it.
+    trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     temperature: float = Field(0.7, ge=0.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
@@ -311,9 +336,7 @@ class RunConfig(_Model):
     @field_validator("run_name")
     @classmethod
     def _safe_name(cls, name: str) -> str:
-        if not name or "/" in name or name in (".", ".."):
-            raise ValueError("run_name must be a plain folder name (no '/')")
-        return name
+        return plain_folder_name(name)
 
 
 class TrainConfig(_Model):
@@ -323,6 +346,9 @@ class TrainConfig(_Model):
     output_dir: str = "out"
     pairs: str = "out/demo/pairs"  # a folder of PAIRS Parquet shards (pairs/ of a run)
     model: str = EMBEDDED_MODEL  # the policy's start and the reference model
+    # Run Python code the model folder ships when loading it (policy, reference, tokenizer):
+    # only for a model whose code you have read. train_summary.json records the value.
+    trust_remote_code: bool = False
     seed: int = 0
     overwrite: bool = False
     # loss
@@ -392,6 +418,11 @@ class TrainConfig(_Model):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_name
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        return plain_folder_name(name)
 
     @field_validator("max_length")
     @classmethod

@@ -15,6 +15,7 @@ knows nothing about batching; :mod:`ecd_ray.scheduler` decides when requests are
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ecd_ray.config import EvolutionConfig
-from ecd_ray.constraints.catalogue import CATALOGUE, compatible_types
+from ecd_ray.constraints.catalogue import CATALOGUE, LANGUAGE_NAMES, compatible_types
 from ecd_ray.constraints.stated import stated
 from ecd_ray.engines.base import ChatRequest, GenerationResult, Sampling, request_seed
 from ecd_ray.seeds import normalize
@@ -68,6 +69,103 @@ _REFUSAL = re.compile(
     re.IGNORECASE,
 )
 
+# -- wrong language -----------------------------------------------------------------------------
+# langdetect is confidently wrong on short text ("Ok" is Afrikaans at p=0.99999), so a text is
+# judged only with enough letters and a sure top language; an instruction that names a language
+# or asks for a translation is never judged (answering it in another language is the point).
+SURE = 0.9
+MIN_LETTERS = 20  # an instruction, to name its language at all
+CLAUSE_MIN_LETTERS = 10  # a clause, to count its language among a text's (lenient: more found)
+ANSWER_MIN_LETTERS = 200  # an answer, to call its language wrong
+REWRITE_MIN_LETTERS = 60  # an evolved instruction, to call its language wrong
+_DETECT_CHARS = 1000  # langdetect reads this much of a text: enough to be sure, and fast
+_OTHER_LANGUAGES = (
+    "Chinese", "Mandarin", "Cantonese", "Dutch", "Greek", "Turkish", "Swedish", "Norwegian",
+    "Danish", "Czech", "Slovak", "Romanian", "Hungarian", "Indonesian", "Malay", "Latin",
+    "Catalan", "Croatian", "Serbian", "Tagalog", "Filipino", "Esperanto", "Irish", "Welsh",
+    "Afrikaans", "Estonian", "Latvian", "Lithuanian", "Slovenian", "Albanian", "Icelandic",
+)
+_NAMES_A_LANGUAGE = re.compile(
+    r"\b(" + "|".join(list(LANGUAGE_NAMES.values()) + list(_OTHER_LANGUAGES)) + r")\b|"
+    r"language|translat|bilingual|multilingual|langue|idioma|lingua|sprache|übersetz|tradu|"
+    r"français|anglais|español|inglés|deutsch|englisch|italiano|português|русск|английск|"
+    r"язык|中文|英文|英语|英語|日本語|语言|言語|翻译|翻訳",
+    re.IGNORECASE,
+)
+_FENCED = re.compile(r"```.*?(```|$)", re.DOTALL)  # code blocks have no natural language
+# Sentences and clauses: a teacher may join a French seed and an English directive with no
+# full stop between them.
+_CLAUSES = re.compile(r"(?<=[.!?,;:。！？，；：])\s*|\n+")
+
+
+@functools.lru_cache(maxsize=1)
+def _langdetect() -> Any:
+    import langdetect
+
+    langdetect.DetectorFactory.seed = 0  # deterministic, as constraints.checkers runs it
+    return langdetect
+
+
+def _letters(text: str) -> int:
+    """Letters, a CJK character (kana, hangul, han) counted as three: it carries about a
+    word, and langdetect needs far fewer of them."""
+    return sum((3 if ord(c) >= 0x2E80 else 1) for c in text if c.isalpha())
+
+
+# langdetect splits Chinese text between zh-cn and ko (p=0.57/0.43 on a paragraph): these are
+# one language here, so a Chinese answer is surely not English (and CJK answers to CJK
+# instructions are never judged).
+_CJK = "zh/ja/ko"
+_FAMILY = {"zh-cn": _CJK, "zh-tw": _CJK, "ja": _CJK, "ko": _CJK}
+
+
+def language_of(text: str, min_letters: int = MIN_LETTERS) -> str | None:
+    """The language of ``text`` (langdetect's code; ``zh/ja/ko`` for those three) when
+    langdetect is sure of it (p >= ``SURE``) and the text has ``min_letters`` letters outside
+    code blocks; else None."""
+    prose = _FENCED.sub(" ", text)
+    if _letters(prose) < min_letters:
+        return None
+    ld = _langdetect()
+    try:
+        found = ld.detect_langs(prose[:_DETECT_CHARS])
+    except ld.LangDetectException:
+        return None
+    probs: dict[str, float] = {}
+    for lang in found:
+        key = _FAMILY.get(lang.lang, lang.lang)
+        probs[key] = probs.get(key, 0.0) + lang.prob
+    best = max(probs, key=probs.__getitem__)
+    return best if probs[best] >= SURE else None
+
+
+def languages_in(text: str) -> set[str]:
+    """Every language :func:`language_of` finds in ``text`` as a whole or in one of its
+    sentences or clauses: a text that mixes languages (a French seed with an English
+    directive, an English question about a German quote) has them all."""
+    found = {language_of(text)}
+    found.update(language_of(part, CLAUSE_MIN_LETTERS)
+                 for part in _CLAUSES.split(_FENCED.sub(" ", text)))
+    return {lang for lang in found if lang is not None}
+
+
+def wrong_language(instruction: str, text: str, min_letters: int = ANSWER_MIN_LETTERS
+                   ) -> bool:
+    """Whether ``text`` (an answer, or a rewrite of ``instruction``) is surely in a language
+    ``instruction`` is not written in.
+
+    False (not judged) when the instruction names a language or asks for a translation, when
+    langdetect is unsure of either text, or when ``text`` has fewer than ``min_letters``
+    letters; False too when the text's language occurs in any sentence of the instruction.
+    """
+    if _NAMES_A_LANGUAGE.search(instruction):
+        return False
+    found = language_of(text, min_letters)
+    if found is None:
+        return False
+    asked = language_of(instruction)
+    return asked is not None and found != asked and found not in languages_in(instruction)
+
 
 @dataclass(frozen=True)
 class Step:
@@ -109,8 +207,14 @@ def pick_step(
     raise ValueError(f"no operation of {operations} can add a level to seed {seed_id}")
 
 
-def eliminate(previous: str, candidate: str, max_chars: int) -> str | None:
-    """The reason a candidate evolved instruction fails, or None when it is acceptable."""
+def eliminate(previous: str, candidate: str, max_chars: int, prompt: str | None = None
+              ) -> str | None:
+    """The reason a candidate evolved instruction fails, or None when it is acceptable.
+
+    ``prompt`` is the evolution prompt the teacher was sent (teacher mode). With it the
+    candidate is also rejected when it contains the whole prompt (echoed back) or when it
+    changed language. Template mode (no prompt) appends program text: neither can happen.
+    """
     text = candidate.strip()
     if not text:
         return "empty"
@@ -118,12 +222,19 @@ def eliminate(previous: str, candidate: str, max_chars: int) -> str | None:
         return "too_long"
     if normalize(text) == normalize(previous) or normalize(text) in normalize(previous):
         return "unchanged"
+    if prompt is not None and normalize(prompt) in normalize(text):
+        return "echoed_prompt"
     if _REFUSAL.search(text):
         return "refusal"
     if _META.search(text):
         return "meta_text"
     if "{instruction}" in text or "{directive}" in text or "instruction rewriter" in text.lower():
         return "copied_prompt"
+    # A rewrite keeps the instruction's language: some sentence of it must still be in that
+    # language (the directives added are English, so a French seed's rewrite mixes the two).
+    if prompt is not None and wrong_language(previous, text, REWRITE_MIN_LETTERS) and \
+            language_of(previous) not in languages_in(text):
+        return "wrong_language"
     return None
 
 
@@ -137,14 +248,23 @@ def unstated_requirement(instruction: str, requirements: list[dict[str, Any]]) -
     return None
 
 
-def answer_problem(result: GenerationResult) -> str | None:
-    """The reason a teacher answer cannot be used, or None."""
+def answer_problem(result: GenerationResult, instruction: str | None = None) -> str | None:
+    """The reason a teacher answer to ``instruction`` cannot be used, or None.
+
+    Without ``instruction`` only the answer itself is judged (no echo or language check).
+    """
     if result.finish_reason == "error" or result.error is not None:
         return result.error_code or "engine_error"
     if not result.text.strip():
         return "empty_response"
     if _REFUSAL.search(result.text) and len(result.text.split()) < 60:
         return "refusal"
+    if instruction is None:
+        return None
+    if normalize(result.text) == normalize(instruction):
+        return "echoed_prompt"
+    if wrong_language(instruction, result.text):
+        return "wrong_language"
     return None
 
 
@@ -369,7 +489,7 @@ class Chain:
         elif pending.role == "judge":
             self._apply_judgement(result)
         else:
-            self._apply_rewrite(result)
+            self._apply_rewrite(result, pending.request.messages[-1]["content"])
 
     # -- internals ------------------------------------------------------------------------
 
@@ -460,7 +580,7 @@ class Chain:
         goes on either way: one responder's failure costs only its pairs)."""
         lvl = self.levels[-1]
         self._responded.add((lvl["level"], name))
-        problem = answer_problem(res)
+        problem = answer_problem(res, lvl["instruction"])
         if problem is not None:
             detail = res.text if res.finish_reason != "error" else (res.error or "")
             self.attempts.append({"level": lvl["level"], "operation": f"respond:{name}",
@@ -486,7 +606,8 @@ class Chain:
         lvl = self.levels[-1]
         level = lvl["level"]
         if res.finish_reason == "length" and self.settings.regenerate_max_new_tokens and \
-                level not in self._regenerated and answer_problem(res) is None:
+                level not in self._regenerated and \
+                answer_problem(res, lvl["instruction"]) is None:
             # Cut at its limit: ask once more with the larger budget (next_request does).
             self._regenerated[level] = res
             self.attempts.append({"level": level, "operation": "answer",
@@ -494,7 +615,7 @@ class Chain:
             return
         if level in self._regenerated and res.finish_reason == "error":
             res = self._regenerated[level]  # the second try failed: keep the cut answer
-        problem = answer_problem(res)
+        problem = answer_problem(res, lvl["instruction"])
         if problem is not None:
             self.stop_reason = f"answer:{problem}"
             detail = res.text if res.finish_reason != "error" else (res.error or "")
@@ -505,7 +626,7 @@ class Chain:
                    model=self.settings.answer_model, prompt_tokens=res.prompt_tokens,
                    completion_tokens=res.completion_tokens, finish_reason=res.finish_reason)
 
-    def _apply_rewrite(self, res: GenerationResult) -> None:
+    def _apply_rewrite(self, res: GenerationResult, prompt: str) -> None:
         step, self._step = self._step, None
         if step is None:
             raise RuntimeError(f"chain {self.seed_id}: a rewrite arrived with no step pending")
@@ -516,22 +637,31 @@ class Chain:
             self.attempts.append({"level": level, "operation": step.operation,
                                   "candidate": res.error or "", "reason": reason})
             return
-        self._accept_rewrite(level, step, res.text)
+        if res.finish_reason == "length":
+            # cut at evolution.max_new_tokens: half an instruction, whatever it still states
+            self._reject_rewrite(level, step, res.text, "truncated")
+            return
+        self._accept_rewrite(level, step, res.text, prompt)
 
-    def _accept_rewrite(self, level: int, step: Step, candidate: str) -> None:
+    def _accept_rewrite(self, level: int, step: Step, candidate: str,
+                        prompt: str | None = None) -> None:
         before = self.levels[-1]["instruction"]
-        reason = eliminate(before, candidate, self.settings.evolution.max_instruction_chars)
+        reason = eliminate(before, candidate, self.settings.evolution.max_instruction_chars,
+                           prompt)
         new = _new_level(level, candidate.strip(), step, self.levels[-1]["requirements"])
         # the level records its requirements (inherited and drawn): the text must state them
         if reason is None and unstated_requirement(new["instruction"],
                                                    new["requirements"]) is not None:
             reason = "requirement_not_stated"
         if reason is not None:
-            self.stop_reason = f"evolve:{reason}"
-            self.attempts.append({"level": level, "operation": step.operation,
-                                  "candidate": candidate, "reason": reason})
+            self._reject_rewrite(level, step, candidate, reason)
             return
         self.levels.append(new)
+
+    def _reject_rewrite(self, level: int, step: Step, candidate: str, reason: str) -> None:
+        self.stop_reason = f"evolve:{reason}"
+        self.attempts.append({"level": level, "operation": step.operation,
+                              "candidate": candidate, "reason": reason})
 
     def to_row(self) -> dict[str, Any]:
         """The chain as a ``schema.EVOLUTIONS`` row (answered levels only; no ``worker``)."""

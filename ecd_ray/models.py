@@ -158,8 +158,10 @@ def _gguf_path(m: EmbeddedModel, workdir: Path) -> Path:
 def _convert(m: EmbeddedModel, gguf: Path, dest: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The bundled GGUF files carry weights and a tokenizer, never code to run.
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 trust_remote_code=False)
     if m.rope_theta is not None:
         model.config.rope_theta = m.rope_theta
         if getattr(model.config, "rope_parameters", None):
@@ -202,7 +204,7 @@ def _check(m: EmbeddedModel, dest: Path) -> None:
         if gen.get("eos_token_id") != list(m.eos_token_ids):
             problems.append(f"generation_config eos_token_id={gen.get('eos_token_id')!r}, "
                             f"expected {list(m.eos_token_ids)}")
-    tok = AutoTokenizer.from_pretrained(dest)
+    tok = AutoTokenizer.from_pretrained(dest, trust_remote_code=False)
     if not tok.is_fast or not tok.chat_template:
         problems.append("the tokenizer is not a fast tokenizer with a chat template")
     if m.add_bos_token and tok("a")["input_ids"][0] != tok.bos_token_id:

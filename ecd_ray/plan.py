@@ -732,6 +732,7 @@ def _load_for_plan(kind: str, path: Path | None, overrides: list[str]) -> tuple[
     """The config, and the problems that only concern files (missing model folders, seeds,
     pairs): a plan does not need them, so it goes on and lists them as notes. Raises
     ConfigError for anything else."""
+    import yaml
     from pydantic import ValidationError
 
     from ecd_ray.config import ConfigError, RunConfig, TrainConfig, load_config, load_train_config
@@ -743,7 +744,7 @@ def _load_for_plan(kind: str, path: Path | None, overrides: list[str]) -> tuple[
     except ConfigError as exc:
         try:
             cfg = model.model_validate(_merged_tree(path, overrides))
-        except (ValidationError, OSError, ValueError):
+        except (ValidationError, OSError, ValueError, yaml.YAMLError):  # the loader's error
             raise exc from None
         return cfg, [f"not checked for this plan: {p}" for p in exc.problems]
 

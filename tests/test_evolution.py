@@ -13,7 +13,16 @@ from hypothesis import strategies as st
 from ecd_ray.config import EVOLUTION_OPERATIONS, EvolutionConfig
 from ecd_ray.constraints.catalogue import CATALOGUE, compatible_types, conflicts
 from ecd_ray.engines.base import PROMPT_TOO_LONG, ChatRequest, GenerationResult, Sampling, failed
-from ecd_ray.evolution import Chain, ChainSettings, eliminate, pick_step, unstated_requirement
+from ecd_ray.evolution import (
+    DEFAULT_TEACHER_TEMPLATE,
+    Chain,
+    ChainSettings,
+    answer_problem,
+    eliminate,
+    pick_step,
+    unstated_requirement,
+    wrong_language,
+)
 from ecd_ray.pairs import build_pairs, chain_rejects
 from ecd_ray.scheduler import ChainScheduler
 from ecd_ray.verify import annotate_levels
@@ -55,6 +64,107 @@ def test_eliminator_reasons() -> None:
     assert eliminate(prev, "Explain photosynthesis " + "in detail " * 500, 4000) == "too_long"
     assert eliminate(prev, "Explain photosynthesis to a ten-year-old in three steps.", 4000) \
         is None
+
+
+EN = "Explain how photosynthesis works to a ten-year-old, in three short steps."
+FR = "Explique comment fonctionne la photosynthèse à un enfant de dix ans, en trois étapes."
+EN_ANSWER = (
+    "Photosynthesis is how plants make their own food. First, the leaves catch sunlight. "
+    "Second, the plant pulls in water through its roots and carbon dioxide from the air. "
+    "Third, it uses the light's energy to turn them into sugar and releases oxygen. That sugar "
+    "is the energy the plant lives on, and the oxygen is what we breathe.")
+FR_ANSWER = (
+    "La photosynthèse, c'est la façon dont les plantes fabriquent leur nourriture. D'abord, "
+    "les feuilles captent la lumière du soleil. Ensuite, la plante puise de l'eau par ses "
+    "racines et du dioxyde de carbone dans l'air. Enfin, elle transforme tout cela en sucre "
+    "et rejette de l'oxygène, celui que nous respirons.")
+DE_ANSWER = (
+    "Die Photosynthese ist ein Vorgang, bei dem Pflanzen mit Hilfe von Sonnenlicht aus Wasser "
+    "und Kohlendioxid Zucker und Sauerstoff herstellen. Zuerst nehmen die Blätter das Licht "
+    "auf. Dann wird das Wasser gespalten. Schließlich entsteht Zucker, der der Pflanze Energie "
+    "gibt, und Sauerstoff, den wir atmen.")
+ZH_ANSWER = (
+    "光合作用是植物利用阳光、水和二氧化碳制造糖和氧气的过程。首先，叶子吸收阳光。然后，水被分解。"
+    "最后，植物产生糖，为自己提供能量。这个过程对地球上的生命非常重要。")
+
+
+def _said(text: str, finish_reason: str = "stop") -> GenerationResult:
+    return GenerationResult(text, 5, 7, finish_reason)
+
+
+def test_answer_in_another_language_than_the_instruction_is_rejected() -> None:
+    assert answer_problem(_said(DE_ANSWER), EN) == "wrong_language"
+    assert answer_problem(_said(ZH_ANSWER), EN) == "wrong_language"  # langdetect: zh or ko
+    assert answer_problem(_said(EN_ANSWER), FR) == "wrong_language"
+    # without the instruction only the answer itself is judged
+    assert answer_problem(_said(DE_ANSWER)) is None
+
+
+def test_legitimate_answers_are_not_judged_wrong_language() -> None:
+    assert answer_problem(_said(EN_ANSWER), EN) is None
+    assert answer_problem(_said(FR_ANSWER), FR) is None  # French for a French instruction
+    # short answers: langdetect is not reliable there ("Ok" is Afrikaans to it)
+    assert answer_problem(_said("Die Photosynthese ist toll, ja."), EN) is None
+    assert answer_problem(_said("Ok"), EN) is None
+    # the instruction asks for a language, or for a translation
+    assert answer_problem(_said(DE_ANSWER), EN + " Write your answer in German.") is None
+    assert answer_problem(_said(DE_ANSWER), "Please translate the text below for me: "
+                          + EN_ANSWER) is None
+    # an instruction too short to tell its language is not judged ("et" p=0.57 to langdetect)
+    assert answer_problem(_said(DE_ANSWER), "Write a haiku about autumn.") is None
+    # an instruction that itself holds text in the answer's language (a quote to summarise)
+    assert answer_problem(_said(EN_ANSWER), "Summarize this: " + DE_ANSWER) is None
+    # code has no natural language: only the prose around it counts
+    code = "```python\n" + "total = price * quantity  # the line total\n" * 30 + "```\nDone."
+    assert answer_problem(_said(code), EN) is None
+    assert not wrong_language(EN, FR_ANSWER, min_letters=10_000)  # too short for this bar
+
+
+def test_answer_that_echoes_the_instruction_is_rejected() -> None:
+    assert answer_problem(_said(EN), EN) == "echoed_prompt"
+    assert answer_problem(_said("  " + EN.upper() + "\n"), EN) == "echoed_prompt"
+    # repeating the request before answering it (an IFEval task) is an answer
+    assert answer_problem(_said(EN + "\n\n" + EN_ANSWER), EN) is None
+    assert answer_problem(_said("I'm sorry, but I can't help with that."), EN) == "refusal"
+    assert answer_problem(_said(""), EN) == "empty_response"
+
+
+def test_rewrite_that_echoes_the_prompt_or_changes_language_is_rejected() -> None:
+    prompt = DEFAULT_TEACHER_TEMPLATE.format(instruction=EN, directive="Use three bullets.")
+    assert eliminate(EN, prompt, 4000, prompt) == "echoed_prompt"
+    assert eliminate(EN, "Sure.\n" + prompt, 4000, prompt) == "echoed_prompt"
+    assert eliminate(EN, prompt, 4000) == "meta_text"  # no prompt given: caught less exactly
+    assert eliminate(EN, DE_ANSWER, 4000, prompt) == "wrong_language"
+    assert eliminate(EN, ZH_ANSWER, 4000, prompt) == "wrong_language"
+    assert eliminate(EN, EN + " Use three bullets.", 4000, prompt) is None
+    # a French seed rewritten with the English directive keeps its French sentence: fine,
+    # with or without a full stop between them
+    for joined in (FR + " Go beyond the surface: explain why, not only what.",
+                   FR[:-1] + " go beyond the surface: explain why, not only what."):
+        assert eliminate(FR, joined, 4000, prompt) is None
+    # ... even when the English it gained outweighs the French it kept
+    short_fr = "Explique la photosynthèse à un enfant."
+    gained = (" Before the final answer, lay out your reasoning in short numbered steps. Show "
+              "your intermediate reasoning, then give a one-sentence conclusion that a child "
+              "would understand. Use a realistic, named scenario to illustrate your answer.")
+    assert wrong_language(short_fr, short_fr + gained, 60)  # English as a whole: judged...
+    assert eliminate(short_fr, short_fr + gained, 4000, prompt) is None  # ...and kept
+    # template mode (no prompt) appends program text: never judged by language
+    assert eliminate(EN, EN + " " + DE_ANSWER, 4000) is None
+
+
+def test_rewrite_cut_at_its_token_limit_is_rejected() -> None:
+    def teacher(req: ChatRequest) -> object:
+        text = req.messages[-1]["content"]
+        if "instruction rewriter" in text:
+            whole = text.rsplit("\n", 1)[-1] + " " + _directive(text)
+            return _said(whole[: len(whole) // 2], "length")
+        return "an answer " + req.request_id
+
+    rows = _run(ScriptedEngine(teacher), _seeds(1), rounds=1,
+                evolution=EvolutionConfig(mode="teacher"))
+    assert rows[0]["stop_reason"] == "evolve:truncated" and rows[0]["num_levels"] == 1
+    assert [a["reason"] for a in rows[0]["rejected_attempts"]] == ["truncated"]
 
 
 def _chain(responses: list[str]) -> dict:

@@ -17,7 +17,15 @@ from ecd_ray.config import ConfigError, TrainConfig, load_train_config
 from ecd_ray.schema import PAIRS
 from ecd_ray.train.collate import collate_pairs, concatenated_logprobs, tokenize_table_rows
 from ecd_ray.train.policy import deepspeed_config
-from ecd_ray.train.trainer import FAIL_AT_STEP_ENV, collate_config, plan_steps, train
+from ecd_ray.train.trainer import (
+    FAIL_AT_STEP_ENV,
+    SEAL,
+    _seal,
+    checkpoint_problem,
+    collate_config,
+    plan_steps,
+    train,
+)
 
 WORDS = ["river", "castle", "apple", "window", "forest", "music", "garden", "winter"]
 
@@ -256,43 +264,101 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_zero3_two_workers_learns_checkpoints_and_resumes(tmp_path: Path, tiny_model: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_checkpoint_problem_finds_missing_truncated_and_unsealed_parts(tmp_path: Path) -> None:
+    step = tmp_path / "step_000004"
+    for rank in (0, 1):
+        part = tmp_path / f"part{rank}"
+        (part / "state").mkdir(parents=True)
+        (part / "state" / f"zero_rank_{rank}.pt").write_bytes(b"x" * (100 + rank))
+        (part / "state" / "latest").write_text("state")
+        _seal(part, rank, writers=2)
+        for f in part.rglob("*"):  # the storage merges the ranks' folders
+            if f.is_file():
+                (step / f.relative_to(part)).parent.mkdir(parents=True, exist_ok=True)
+                (step / f.relative_to(part)).write_bytes(f.read_bytes())
+    assert checkpoint_problem(step) is None
+    (step / SEAL.format(rank=1)).rename(tmp_path / "seal1")
+    assert "rank 1 of 2" in checkpoint_problem(step)
+    (tmp_path / "seal1").rename(step / SEAL.format(rank=1))
+    (step / "state" / "zero_rank_1.pt").write_bytes(b"x" * 10)
+    assert "has 10 bytes, 101 were written" in checkpoint_problem(step)
+    (step / "state" / "zero_rank_1.pt").unlink()
+    assert "zero_rank_1.pt is missing" in checkpoint_problem(step)
+    assert "no completion record" in checkpoint_problem(tmp_path / "empty")
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out.update(load_file(f))
+    assert out, f"no weights in {model_dir}"
+    return out
+
+
+@pytest.mark.slow
+def test_zero3_killed_and_resumed_runs_reach_the_uninterrupted_weights(
+        tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ZeRO-3 over 2 workers, 8 steps, a checkpoint every 2, compared with an uninterrupted run:
+    (A) rank 0's process SIGKILLed in the middle of step 5, Ray Train restarts the group from
+    the step-4 checkpoint; (B) the run dies after step 5 with no retries left, part of its
+    step-4 checkpoint is deleted, and a new ``train`` resumes from step 2. Both end at the
+    uninterrupted run's weights and losses."""
     pairs = separable_pairs(tmp_path / "pairs", 64)  # 64 pairs / 2 workers / (2x2) = 8 steps
-    # Run A: crashes once at step 5; Ray Train restarts it from the step-4 checkpoint.
-    monkeypatch.setenv(FAIL_AT_STEP_ENV, "5")
-    a = train(_cfg(tmp_path, tiny_model, pairs, "run_name=a", "checkpoint_every=2",
-                   "max_failures=1"))
-    run_a = tmp_path / "a"
-    steps = [m["step"] for m in _metrics(run_a)]
-    assert steps == [1, 2, 3, 4, 5, 5, 6, 7, 8]  # step 5 ran, crashed, and ran again
-    assert a["steps"] == 8
-    first, last = _metrics(run_a)[0], _metrics(run_a)[-1]
-    assert last["loss"] < first["loss"] - 0.1
-    assert last["rewards/accuracy"] > first["rewards/accuracy"]
-    assert sorted(p.name for p in (run_a / "ray" / "attempt-0").glob("step_*"))[-1] == \
-        "step_000008"
-    # The exported model is a plain HF folder that transformers loads.
+    c = train(_cfg(tmp_path, tiny_model, pairs, "run_name=c", "checkpoint_every=2"))
+    run_c = tmp_path / "c"
+    assert c["steps"] == 8 and c["resumed_from"] is None
+    whole = _metrics(run_c)
+    assert [m["step"] for m in whole] == list(range(1, 9))
+    assert whole[-1]["loss"] < whole[0]["loss"] - 0.1  # it learns
+    assert whole[-1]["rewards/accuracy"] > whole[0]["rewards/accuracy"]
+    # the exported model is a plain HF folder that transformers loads, and it moved
     from transformers import AutoModelForCausalLM
 
-    trained = AutoModelForCausalLM.from_pretrained(run_a / "model")
+    trained = AutoModelForCausalLM.from_pretrained(run_c / "model")
     init = AutoModelForCausalLM.from_pretrained(tiny_model)
     assert any(not torch.equal(p, q) for p, q in zip(trained.parameters(), init.parameters(),
                                                      strict=True))
+    reference = _weights(run_c / "model")
 
-    # Run B: killed for good at step 5 (no retries); a new `train` resumes from step 4 and
-    # replays exactly what run A did after its restart: same data, same state.
+    # (A) a lost worker: SIGKILL mid-step 5 (after its first micro-batch), one retry allowed
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "5:kill")
+    a = train(_cfg(tmp_path, tiny_model, pairs, "run_name=a", "checkpoint_every=2",
+                   "max_failures=1"))
+    assert (tmp_path / "a" / ".failed").read_text() == "killed\n"  # the kill happened
+    assert a["steps"] == 8
+    # Ray Train restarts from the newest checkpoint it had registered when the worker died:
+    # step 4, or step 2 when step 4's report was still on its way (the kill follows it by a
+    # few seconds); step 5 itself was never logged
+    steps_a = [m["step"] for m in _metrics(tmp_path / "a")]
+    assert steps_a in ([1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 3, 4, 5, 6, 7, 8]), steps_a
+
+    # (B) killed for good after step 5 (no retries), and one file of rank 1's part of the
+    # newest checkpoint (step 4) deleted, as a write cut short would leave it: the same
+    # command again passes over step 4 and resumes from step 2
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "5")
     with pytest.raises(Exception, match="injected failure"):
         train(_cfg(tmp_path, tiny_model, pairs, "run_name=b", "checkpoint_every=2",
                    "max_failures=0"))
     monkeypatch.delenv(FAIL_AT_STEP_ENV)
+    step4 = tmp_path / "b" / "ray" / "attempt-0" / "step_000004"
+    assert checkpoint_problem(step4) is None
+    victim = max(json.loads((step4 / "ecd_complete_rank1.json").read_text())["files"])
+    (step4 / victim).unlink()
+    assert victim in checkpoint_problem(step4)
     b = train(_cfg(tmp_path, tiny_model, pairs, "run_name=b", "checkpoint_every=2"))
-    assert b["resumed_from"].endswith("step_000004")
-    resumed = _metrics(tmp_path / "b")
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
-    for ma, mb in zip(_metrics(run_a)[-4:], resumed[-4:], strict=True):
-        assert ma["step"] == mb["step"]
-        assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-5)
+    assert b["resumed_from"].endswith("step_000002")
+    assert [m["step"] for m in _metrics(tmp_path / "b")] == [1, 2, 3, 4, 5, 3, 4, 5, 6, 7, 8]
+
+    for run in ("a", "b"):
+        by_step = {m["step"]: m["loss"] for m in _metrics(tmp_path / run)}  # the last of a step
+        for m in whole:
+            assert by_step[m["step"]] == pytest.approx(m["loss"], abs=1e-6), (run, m["step"])
+        got = _weights(tmp_path / run / "model")
+        assert got.keys() == reference.keys()
+        for name, w in reference.items():
+            torch.testing.assert_close(got[name], w, rtol=0, atol=1e-6, msg=f"{run}: {name}")
 
 
 def test_zero3_chunked_logprobs_with_uneven_ranks_match_full(tmp_path: Path, tiny_model: Path

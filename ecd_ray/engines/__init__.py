@@ -60,10 +60,11 @@ def build_engine(cfg: EngineConfig, *, seed: int, scratch: Path | None = None) -
         return VLLMEngine(
             model_dir, cfg.vllm, dtype=cfg.dtype, num_cpus=max(1, int(cfg.num_cpus)),
             seed=seed, scratch=scratch, model_name=cfg.model,
+            trust_remote_code=cfg.trust_remote_code,
         )
     from ecd_ray.engines.hf import TransformersEngine
 
     return TransformersEngine(
         model_dir, dtype=cfg.dtype, max_batch=cfg.batch_size, threads=cfg.threads,
-        model_name=cfg.model,
+        model_name=cfg.model, trust_remote_code=cfg.trust_remote_code,
     )

@@ -50,6 +50,8 @@ class ChatRequest:
 PROMPT_TOO_LONG = "prompt_too_long"
 TOKENIZER_ERROR = "tokenizer_error"
 ENGINE_ERROR = "engine_error"
+TIMEOUT = "timeout"  # a remote engine did not answer within its timeout, on every attempt
+INVALID_UTF8 = "invalid_utf8"  # a remote engine's response body is not valid UTF-8
 
 
 @dataclass(frozen=True)

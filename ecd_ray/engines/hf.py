@@ -197,6 +197,7 @@ class TransformersEngine:
         model_name: str | None = None,
         max_model_len: int | None = None,
         batch_wait_s: float = 0.002,
+        trust_remote_code: bool = False,
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -209,11 +210,12 @@ class TransformersEngine:
         self.batch_wait_s = batch_wait_s
         self.dtype_name, self.dtype_reason = resolve_dtype(
             dtype, on_gpu=str(self.device).startswith("cuda"))
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left",
+                                                       trust_remote_code=trust_remote_code)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=_DTYPES[self.dtype_name]
+            model_dir, dtype=_DTYPES[self.dtype_name], trust_remote_code=trust_remote_code
         ).to(self.device)
         self.model.eval()
         self.eos_ids = self._eos_ids()

@@ -5,8 +5,10 @@ server, a hosted teacher) behind the :class:`~ecd_ray.engines.base.Engine` inter
 keeps up to ``concurrency`` requests in flight with aiohttp. Failures that may pass (HTTP 429,
 5xx, timeouts, dropped connections) are retried with exponential back-off and full jitter,
 seeded by the request id so runs are reproducible; ``Retry-After`` is honoured. Other errors
-(400, 401, 404, ...) are not retried. A request that cannot be answered comes back as a result
-with ``finish_reason="error"`` and ``error`` set; it never fails the rest of the batch.
+(400, 401, 404, a body that is not UTF-8 or not a completion) are not retried. A request that
+cannot be answered comes back as a result with ``finish_reason="error"``, ``error`` and
+``error_code`` set (``timeout`` when the last attempt timed out, ``invalid_utf8``,
+``prompt_too_long``, else ``engine_error``); it never fails the rest of the batch.
 
 The API key is read from the environment variable the config *names*; it is sent only in the
 ``Authorization`` header and never appears in reprs, logs or error messages.
@@ -29,7 +31,9 @@ import aiohttp
 from ecd_ray.config import OpenAIConfig
 from ecd_ray.engines.base import (
     ENGINE_ERROR,
+    INVALID_UTF8,
     PROMPT_TOO_LONG,
+    TIMEOUT,
     ChatRequest,
     GenerationResult,
     failed,
@@ -54,7 +58,12 @@ class _Retry(Exception):  # noqa: N818 - control flow, not an error
 
 
 class _Fail(Exception):  # noqa: N818 - control flow, not an error
-    """An attempt failed in a way another attempt cannot fix."""
+    """An attempt failed in a way another attempt cannot fix; ``code`` is the result's
+    ``error_code``."""
+
+    def __init__(self, reason: str, code: str = ENGINE_ERROR):
+        super().__init__(reason)
+        self.code = code
 
 
 def is_retryable_status(status: int) -> bool:
@@ -153,9 +162,10 @@ class OpenAIEngine:
         return headers
 
     def _redact(self, text: str) -> str:
-        """``text`` cut short, with the key removed should a server ever echo it back."""
-        text = text[:_MAX_ERROR_CHARS]
-        return text.replace(self._api_key, "[redacted]") if self._api_key else text
+        """``text`` cut short, with the key removed should a server ever echo it back (removed
+        first: a cut through the key would leave its first characters)."""
+        text = text.replace(self._api_key, "[redacted]") if self._api_key else text
+        return text[:_MAX_ERROR_CHARS]
 
     def _body(self, req: ChatRequest) -> dict[str, Any]:
         s = req.sampling
@@ -185,20 +195,22 @@ class OpenAIEngine:
         rng = random.Random(f"backoff:{req.request_id}")  # str seeds hash stably (sha512)
         body = self._body(req)
         attempts = self.cfg.max_retries + 1
-        last = ""
+        last, code = "", ENGINE_ERROR
         for attempt in range(attempts):
             try:
                 async with sem:  # held only while a request is in flight, not while waiting
                     return await self._attempt(session, body)
             except _Fail as exc:
-                return self._failed(req, str(exc))
+                return self._failed(req, str(exc), exc.code)
             except asyncio.CancelledError:
                 raise
             except _Retry as exc:
-                last, retry_after = exc.reason, exc.retry_after
+                last, code, retry_after = exc.reason, ENGINE_ERROR, exc.retry_after
             except RETRYABLE_EXCEPTIONS as exc:
                 detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 last, retry_after = self._redact(detail), None
+                # aiohttp's total and socket timeouts are both asyncio.TimeoutError
+                code = TIMEOUT if isinstance(exc, asyncio.TimeoutError) else ENGINE_ERROR
             if attempt + 1 == attempts:
                 break
             delay = backoff_delay(rng, attempt, self.cfg.backoff_base_s, self.cfg.backoff_max_s,
@@ -206,17 +218,26 @@ class OpenAIEngine:
             log.info("openai request %s: attempt %d/%d failed (%s); retrying in %.2f s",
                      req.request_id, attempt + 1, attempts, last, delay)
             await asyncio.sleep(delay)
-        return self._failed(req, f"gave up after {attempts} attempt(s): {last}")
+        return self._failed(req, f"gave up after {attempts} attempt(s): {last}", code)
 
     async def _attempt(self, session: aiohttp.ClientSession, body: dict[str, Any]
                        ) -> GenerationResult:
         async with session.post(self.url, json=body) as resp:
-            text = await resp.text()
+            raw = await resp.read()
             if resp.status != 200:
-                reason = self._redact(f"HTTP {resp.status}: {text.strip()}")
+                reason = self._redact(f"HTTP {resp.status}: "
+                                      f"{raw.decode('utf-8', 'replace').strip()}")
                 if is_retryable_status(resp.status):
                     raise _Retry(reason, parse_retry_after(resp.headers.get("Retry-After")))
                 raise _Fail(reason)
+        try:
+            # JSON is UTF-8 (RFC 8259). Bytes that are not would reach the training data as
+            # U+FFFD if replaced: the answer is refused instead (a retry sends the same seed).
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _Fail(self._redact(f"response body is not UTF-8 ({exc.reason} at byte "
+                                     f"{exc.start}: {raw[exc.start:exc.start + 8]!r})"),
+                        INVALID_UTF8) from None
         try:
             data = json.loads(text)
             choice = data["choices"][0]
@@ -231,11 +252,12 @@ class OpenAIEngine:
             raise _Fail(self._redact(f"malformed response ({type(exc).__name__}): "
                                      f"{text.strip()}")) from None
 
-    def _failed(self, req: ChatRequest, reason: str) -> GenerationResult:
-        log.warning("openai request %s failed: %s", req.request_id, reason)
+    def _failed(self, req: ChatRequest, reason: str, code: str = ENGINE_ERROR
+                ) -> GenerationResult:
         # A server's refusal of an over-long prompt (vLLM: "maximum context length") is the
         # same reject as the local engines' length check.
         lowered = reason.lower()
-        code = PROMPT_TOO_LONG if ("context length" in lowered or "too long" in lowered) \
-            else ENGINE_ERROR
+        if code == ENGINE_ERROR and ("context length" in lowered or "too long" in lowered):
+            code = PROMPT_TOO_LONG
+        log.warning("openai request %s failed (%s): %s", req.request_id, code, reason)
         return failed(code, reason)

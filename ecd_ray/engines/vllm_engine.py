@@ -69,10 +69,11 @@ def resolved_dtype(dtype: str, on_gpu: bool) -> tuple[str, str]:
 
 
 def engine_kwargs(model_dir: str | Path, cfg: VLLMConfig, *, dtype: str, seed: int,
-                  on_gpu: bool) -> dict[str, object]:
+                  on_gpu: bool, trust_remote_code: bool = False) -> dict[str, object]:
     """The ``vllm.LLM`` arguments for a config: one schema for CPU and GPU."""
     kwargs: dict[str, object] = {
         "model": str(model_dir),
+        "trust_remote_code": trust_remote_code,
         "dtype": resolved_dtype(dtype, on_gpu)[0],
         "enforce_eager": cfg.enforce_eager,
         "max_model_len": cfg.max_model_len,
@@ -114,6 +115,7 @@ class VLLMEngine:
         seed: int = 0,
         scratch: Path | None = None,
         model_name: str | None = None,
+        trust_remote_code: bool = False,
     ):
         on_gpu = cuda_available()
         if not on_gpu:
@@ -123,7 +125,8 @@ class VLLMEngine:
         from vllm import LLM
 
         self.model_name = model_name or str(model_dir)
-        self.llm = LLM(**engine_kwargs(model_dir, cfg, dtype=dtype, seed=seed, on_gpu=on_gpu))
+        self.llm = LLM(**engine_kwargs(model_dir, cfg, dtype=dtype, seed=seed, on_gpu=on_gpu,
+                                       trust_remote_code=trust_remote_code))
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = cfg.max_model_len
         self.dtype, self.dtype_reason = resolved_dtype(dtype, on_gpu)
@@ -202,6 +205,7 @@ class AsyncVLLMEngine:
         seed: int = 0,
         scratch: Path | None = None,
         model_name: str | None = None,
+        trust_remote_code: bool = False,
     ):
         on_gpu = cuda_available()
         if not on_gpu:
@@ -210,12 +214,14 @@ class AsyncVLLMEngine:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        kwargs = engine_kwargs(model_dir, cfg, dtype=dtype, seed=seed, on_gpu=on_gpu)
+        kwargs = engine_kwargs(model_dir, cfg, dtype=dtype, seed=seed, on_gpu=on_gpu,
+                               trust_remote_code=trust_remote_code)
         self.dtype, self.dtype_reason = resolved_dtype(dtype, on_gpu)
         self.model_name = model_name or str(model_dir)
         self.capacity = cfg.max_num_seqs
         self.max_model_len = cfg.max_model_len
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir),
+                                                       trust_remote_code=trust_remote_code)
         self.engine = AsyncLLM.from_engine_args(
             AsyncEngineArgs(**kwargs, disable_log_stats=True))  # type: ignore[arg-type]
         self._ids = 0

@@ -13,6 +13,7 @@ find the shards an actor wrote but never reported.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -29,11 +30,36 @@ from ecd_ray import schema
 from ecd_ray.config import EngineConfig, RunConfig
 from ecd_ray.engines.base import AsyncEngine, Sampling
 from ecd_ray.evolution import Chain, ChainSettings, ResponderSpec
+from ecd_ray.pipeline import manifest as mf
 from ecd_ray.scheduler import ChainScheduler
 from ecd_ray.verify import annotate_levels
 
 log = logging.getLogger(__name__)
 _END = None  # end-of-input marker in the seed queue
+
+
+# A write that fails with one of these found the disk (or the user's quota) full: restarting
+# the actor cannot help, so the run stops and is resumed once there is space.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """True when ``exc``, or an exception it was raised from (Ray's task errors included), is a
+    full disk or quota."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
+            return True
+        text = str(e)
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            return True  # an error that kept only the message (Arrow's, Ray's)
+        cause = getattr(e, "cause", None)
+        todo += [e.__cause__, e.__context__, cause if isinstance(cause, BaseException) else None]
+    return False
 
 
 def shard_prefix(actor_index: int) -> str:
@@ -58,11 +84,12 @@ def build_async_engine(cfg: EngineConfig, *, seed: int, scratch: Path) -> AsyncE
 
         return AsyncVLLMEngine(model_dir, cfg.vllm, dtype=cfg.dtype,
                                num_cpus=max(1, int(cfg.num_cpus)), seed=seed, scratch=scratch,
-                               model_name=cfg.model)
+                               model_name=cfg.model, trust_remote_code=cfg.trust_remote_code)
     from ecd_ray.engines.hf import TransformersEngine
 
     return TransformersEngine(model_dir, dtype=cfg.dtype, max_batch=cfg.batch_size,
-                              threads=cfg.threads, model_name=cfg.model)
+                              threads=cfg.threads, model_name=cfg.model,
+                              trust_remote_code=cfg.trust_remote_code)
 
 
 def _redirect_output(path: Path) -> None:
@@ -109,6 +136,7 @@ class ChainActor:
         self._ended = False
         self._news: asyncio.Event | None = None
         self._error: str | None = None
+        self._disk_full: str | None = None  # a write found no space: the run must stop
         self._tasks: list[asyncio.Task[None]] = []
         self._flush_lock: asyncio.Lock | None = None
         self.responders: dict[str, AsyncEngine] = {}  # APC responders' engines, by name
@@ -191,7 +219,7 @@ class ChainActor:
             await asyncio.sleep(timeout_s)
             return {"incarnation": None, "shards": [], "in_flight_chains": 0,
                     "in_flight_requests": 0, "queued": 0, "completion_tokens": 0, "requests": 0}
-        if not self._shards and self._error is None:
+        if not self._shards and self._error is None and self._disk_full is None:
             try:
                 await asyncio.wait_for(self._news.wait(), timeout_s)
             except asyncio.TimeoutError:
@@ -209,6 +237,7 @@ class ChainActor:
             "queued": self._queue.qsize(),
             "completion_tokens": st.completion_tokens if st else 0,
             "requests": st.requests if st else 0,
+            "disk_full": self._disk_full,
         }
 
     async def end_input(self, expected: int) -> None:
@@ -286,19 +315,32 @@ class ChainActor:
 
     async def _flush(self) -> None:
         async with self._flush_lock:
-            samples, self._occupancy = self._occupancy, []
-            if samples:
-                await asyncio.to_thread(_append_occupancy, samples,
-                                        self.run_dir / "logs" / f"occupancy-{self.index:03d}.jsonl")
-            rows, self._buffer, self._oldest = self._buffer, [], None
-            if not rows:
-                return
-            name = f"{shard_prefix(self.index)}{self.incarnation}-{self._seq:06d}.parquet"
-            self._seq += 1
-            info = await asyncio.to_thread(write_shard, rows, self.run_dir / "evolutions", name)
-            self._written += len(rows)
-            self._shards.append(info)
-            self._news.set()
+            if self._disk_full is not None:
+                return  # the driver stops the run; a resume redoes the unwritten chains
+            try:
+                await self._write_finished()
+            except Exception as exc:  # noqa: BLE001 - reported to the driver by poll
+                if not is_no_space(exc):
+                    log.exception("writing a shard failed")
+                    self._error = f"writing a shard failed: {type(exc).__name__}: {exc}"
+                else:
+                    self._disk_full = f"{type(exc).__name__}: {exc}"
+                self._news.set()
+
+    async def _write_finished(self) -> None:
+        samples, self._occupancy = self._occupancy, []
+        if samples:
+            await asyncio.to_thread(_append_occupancy, samples,
+                                    self.run_dir / "logs" / f"occupancy-{self.index:03d}.jsonl")
+        rows, self._buffer, self._oldest = self._buffer, [], None
+        if not rows:
+            return
+        name = f"{shard_prefix(self.index)}{self.incarnation}-{self._seq:06d}.parquet"
+        self._seq += 1
+        info = await asyncio.to_thread(write_shard, rows, self.run_dir / "evolutions", name)
+        self._written += len(rows)
+        self._shards.append(info)
+        self._news.set()
 
 
 def _append_occupancy(samples: list[tuple[float, int, int, int]], path: Path) -> None:
@@ -311,17 +353,28 @@ def _append_occupancy(samples: list[tuple[float, int, int, int]], path: Path) ->
 
 
 def write_shard(rows: list[dict[str, Any]], folder: Path, name: str) -> dict[str, Any]:
-    """Verify ``rows`` (EVOLUTIONS rows), write them atomically as ``folder/name``; returns
-    the shard's name, seed ids, rows, rejected chains and tokens for the driver."""
+    """Verify ``rows`` (EVOLUTIONS rows), write them atomically as ``folder/name`` and record
+    the shard's SHA-256 beside it; returns the shard's name, seed ids, rows, rejected chains and
+    tokens for the driver.
+
+    A write that fails (a full disk) leaves nothing: the temporary file is removed, and so is
+    the renamed shard when its hash cannot be recorded, so the rows are written again later.
+    """
     for row in rows:
         annotate_levels(row)
     table = pa.Table.from_pylist(rows, schema=schema.EVOLUTIONS)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.tmp"
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, folder / name)  # a half-written file never carries a shard's name
+    tmp, path = folder / f".{name}.tmp", folder / name
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)  # a half-written file never carries a shard's name
+        mf.record_hash(path)  # after the rename: a shard without a hash is redone on resume
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        mf.remove_shard(path)
+        raise
     return {
         "name": name,
         "rows": len(rows),

@@ -41,11 +41,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ecd_ray import schema
+from ecd_ray import runlock, schema
 from ecd_ray.config import RunConfig
 from ecd_ray.pairs import build_pairs, is_heldout
 from ecd_ray.pipeline import manifest as mf
-from ecd_ray.pipeline.chain_actor import ChainActor, shard_prefix
+from ecd_ray.pipeline.chain_actor import ChainActor, is_no_space, shard_prefix
 from ecd_ray.pipeline.progress import Progress
 from ecd_ray.seeds import iter_seeds
 from ecd_ray.verify import annotate_levels
@@ -65,6 +65,19 @@ class RunInterrupted(Exception):  # noqa: N818 - a stop the user asked for, not 
     def __init__(self, done: int, total: int, run_dir: Path):
         self.done, self.total, self.run_dir = done, total, run_dir
         super().__init__(f"stopped with {done} of {total} seeds written to {run_dir}")
+
+
+class DiskFull(RuntimeError):
+    """A write into the run folder found no space left (ENOSPC, or a full quota). The run
+    stopped with every shard on disk whole (or absent); it resumes with the same command once
+    there is space."""
+
+    def __init__(self, run_dir: Path, cause: str):
+        self.run_dir = run_dir
+        super().__init__(
+            f"no space left on the device of {run_dir} ({cause}); the run stopped and is "
+            f"resumable: free some space (df -h {run_dir}), then run the same command again "
+            "(every chain already written is kept)")
 
 
 def verify_batch(batch: pa.Table) -> pa.Table:
@@ -186,7 +199,9 @@ def _derive_pairs_and_rejects(cfg: RunConfig, verbose: bool) -> None:
         shutil.rmtree(target, ignore_errors=True)
     args = {"cfg": cfg}
     write_args = {"ray_remote_args": {"num_cpus": LIGHT_TASK_CPUS}}
-    evolutions = ray.data.read_parquet(str(run_dir / "evolutions"), num_cpus=LIGHT_TASK_CPUS)
+    # Only *.parquet files: the hash and temporary files beside the shards are not data.
+    evolutions = ray.data.read_parquet(str(run_dir / "evolutions"), num_cpus=LIGHT_TASK_CPUS,
+                                       file_extensions=["parquet"])
     pairs = evolutions.map_batches(
         pairs_batch, fn_kwargs=args, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS
     ).materialize()
@@ -205,12 +220,12 @@ def _derive_pairs_and_rejects(cfg: RunConfig, verbose: bool) -> None:
 
 
 def _prepare_run_dir(cfg: RunConfig) -> bool:
-    """Create or reuse the run folder; True when resuming a run that stopped part-way."""
+    """Reuse (or empty, with ``overwrite``) the run folder, which this process has locked;
+    True when resuming a run that stopped part-way."""
     run_dir = cfg.run_dir
-    if run_dir.exists() and cfg.overwrite:
-        shutil.rmtree(run_dir)
-    if not run_dir.exists():
-        run_dir.mkdir(parents=True)
+    if cfg.overwrite:
+        runlock.clear_run_dir(run_dir)  # everything but the lock this process holds
+    if runlock.is_empty_but_lock(run_dir):
         return False
     old = mf.read(run_dir)
     if old is None:
@@ -231,10 +246,19 @@ def _prepare_run_dir(cfg: RunConfig) -> bool:
     return True
 
 
+class _RunLog(logging.FileHandler):
+    """The run's log file. A record that finds the disk full is dropped without the traceback
+    ``logging`` would print for it: the console still shows the warnings and the final error."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if not is_no_space(sys.exc_info()[1] or Exception()):
+            super().handleError(record)
+
+
 def _log_to_file(run_dir: Path) -> logging.Handler:
     """Everything at INFO and above also goes to ``<run>/logs/generate.log``."""
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "logs" / "generate.log", encoding="utf-8")
+    handler = _RunLog(run_dir / "logs" / "generate.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     handler.setLevel(logging.INFO)
     root = logging.getLogger()
@@ -251,7 +275,13 @@ def _record_actor(run_dir: Path, info: dict[str, Any]) -> None:
     path = run_dir / ACTORS_FILE
     known = json.loads(path.read_text()) if path.is_file() else []
     known.append({"host": socket.gethostname(), "pid": info["pid"]})
-    path.write_text(json.dumps(known))
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_text(json.dumps(known))
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk: the old list stays whole
+        raise
+    os.replace(tmp, path)
 
 
 def _is_chain_actor(pid: int) -> bool:
@@ -284,7 +314,11 @@ def _wait_for_old_actors(run_dir: Path, timeout_s: float = 60.0) -> None:
 def _write_table(rows: list[dict[str, Any]], sch: pa.Schema, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=sch), tmp)
+    try:
+        pq.write_table(pa.Table.from_pylist(rows, schema=sch), tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)  # a half-written file never carries the final name
 
 
@@ -351,6 +385,7 @@ class _Pool:
         self.exhausted = False
         self.progress = progress
         self.reported: set[str] = set()  # shard names (one per flush: few)
+        self.stopped = False
         args = actor_resources(cfg)
         remote_fn = args.pop("ray_remote_args_fn", None)
         opts = {k: v for k, v in args.items() if v is not None}
@@ -391,12 +426,16 @@ class _Pool:
     def feed(self) -> None:
         """Top every actor up to its chains in flight, a shard's worth of finished chains and
         one unit queued, a unit at a time in turn, so a small run still spreads over every
-        actor."""
+        actor. An actor whose input was ended gets no more seeds: it stops taking seeds once
+        it has the count ``end_input`` gave it, so a dead actor's seeds queued again after
+        that would never run there; they go to the restarted actor instead."""
         unit = max(1, min(SUBMIT_UNIT, -(-self.todo // len(self.actors))))
         progress = True
         while progress:
             progress = False
             for actor in self.actors:
+                if actor.ended:
+                    continue
                 # chains in flight + a full shard's worth finished and waiting for its flush
                 # + one unit queued: the actor never idles waiting for a flush.
                 target = actor.info["max_chains"] + self.cfg.scheduler.flush_rows + unit
@@ -447,6 +486,9 @@ class _Pool:
     def _apply(self, actor: _Actor, report: dict[str, Any]) -> None:
         for shard in report["shards"]:
             self._written(actor, shard["name"], shard["seed_ids"], shard["stopped_early"])
+        if report.get("disk_full"):
+            raise DiskFull(self.run_dir, f"chain actor {actor.index} writing a shard: "
+                                         f"{report['disk_full']}")
         actor.tokens = actor.tokens_base + report["completion_tokens"]
         self.progress.update(in_flight=sum(len(a.outstanding) for a in self.actors),
                              tokens=sum(a.tokens for a in self.actors))
@@ -479,7 +521,8 @@ class _Pool:
         # The new incarnation answering proves the old process is gone. A call sent while Ray
         # restarts the actor can fail as "unavailable": send it again (start is idempotent).
         # A start answered by the old incarnation (the kill not yet landed) is sent again.
-        deadline = time.monotonic() + self.cfg.scheduler.engine_start_timeout_s
+        failed_at = time.monotonic()
+        deadline = failed_at + self.cfg.scheduler.engine_start_timeout_s
         old = actor.info.get("incarnation")
         died: float | None = None
         while True:
@@ -490,8 +533,8 @@ class _Pool:
                     actor.info = info
                     _record_actor(self.run_dir, info)
                     break
-            except ray.exceptions.ActorUnavailableError:
-                pass
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                pass  # a restart still waiting for a node with room ends at the deadline below
             except ray.exceptions.RayActorError as again:
                 # The call reached the dying process; a restarted one answers within seconds,
                 # a dead-for-good one never does.
@@ -500,15 +543,29 @@ class _Pool:
                     raise RuntimeError(f"chain actor {actor.index} could not be restarted: "
                                        f"{str(again).splitlines()[0][:300]}") from again
             if time.monotonic() > deadline:
-                raise RuntimeError(f"chain actor {actor.index} did not come back within "
-                                   "scheduler.engine_start_timeout_s")
+                raise RuntimeError(
+                    f"chain actor {actor.index} did not come back within scheduler."
+                    f"engine_start_timeout_s={self.cfg.scheduler.engine_start_timeout_s:g}; if "
+                    "its node was lost, no remaining node may have room for it (ray status "
+                    "shows the pending demand): add a node, or lower teacher.num_cpus / "
+                    "teacher.num_gpus. The run is resumable with the same command")
             time.sleep(1.0)
+        recovered = 0
         prefix = shard_prefix(actor.index)
         for path in sorted((self.run_dir / "evolutions").glob(f"{prefix}*.parquet")):
             if path.name not in self.reported:
+                if (problem := mf.shard_problem(path)) is not None:
+                    # The dead process stopped mid-write: its seeds are queued again below.
+                    log.warning("removing %s: %s; its chains will be redone", path, problem)
+                    mf.remove_shard(path)
+                    continue
                 ids = pq.read_table(path, columns=["seed_id"])["seed_id"].to_pylist()
                 stopped = 0  # not known without reading levels; only the progress line uses it
                 self._written(actor, path.name, ids, stopped)
+                recovered += 1
+        log.info("chain actor %d back after %.1f s on %s: %d unreported shard(s) recovered, "
+                 "%d seed(s) queued again", actor.index, time.monotonic() - failed_at,
+                 info["worker"], recovered, len(actor.outstanding))
         self.retry.extendleft(reversed(list(actor.outstanding.values())))
         actor.outstanding = {}
         actor.ended = False
@@ -519,9 +576,12 @@ class _Pool:
     # -- stop -------------------------------------------------------------------------------
 
     def stop(self, flush: bool, timeout_s: float = 5.0) -> None:
-        """Flush what is finished (on a user stop), then end every actor."""
+        """Flush what is finished (on a user stop), then end every actor (once)."""
         import ray
 
+        if self.stopped:
+            return
+        self.stopped = True
         if flush:
             refs = [a.handle.flush.remote() for a in self.actors]
             try:
@@ -553,6 +613,15 @@ def _run_chains(cfg: RunConfig, pool: _Pool) -> dict[str, float]:
             "chains_started": ready, "chains_ended": time.time()}
 
 
+def _record_failure(cfg: RunConfig, started: float, exc: Exception) -> None:
+    """Mark the manifest ``failed`` with the cause, if there is room to write it (on a full
+    disk there may be none: the manifest then stays ``running``, which resumes the same)."""
+    try:
+        mf.write(cfg, status="failed", extra={"started": started, "error": str(exc)[:500]})
+    except OSError:
+        log.warning("could not record the failure in the manifest", exc_info=True)
+
+
 def resume_command() -> str:
     """The command line that started this process, to resume it."""
     argv = list(sys.argv)
@@ -564,17 +633,33 @@ def resume_command() -> str:
 def generate(cfg: RunConfig, *, verbose: bool = False) -> dict[str, Any]:
     """Run the whole generation job for ``cfg``; returns the manifest it writes.
 
-    Raises :class:`RunInterrupted` on Ctrl-C (the run is then resumable).
+    The run folder's lock (:mod:`ecd_ray.runlock`) is held throughout: a second run on the
+    folder is refused with :class:`~ecd_ray.runlock.RunLocked`, before anything is changed.
+    Raises :class:`RunInterrupted` on Ctrl-C and :class:`DiskFull` when a write finds no space
+    (the run is then resumable with the same command).
     """
+    with runlock.hold(cfg.run_dir, command=resume_command()):
+        try:
+            return _generate(cfg, verbose)
+        except DiskFull:
+            raise
+        except Exception as exc:
+            if not is_no_space(exc):
+                raise
+            cause = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            raise DiskFull(cfg.run_dir, cause) from exc
+
+
+def _generate(cfg: RunConfig, verbose: bool) -> dict[str, Any]:
     started = time.time()
     resume = _prepare_run_dir(cfg)
     handler = _log_to_file(cfg.run_dir)
-    mf.write(cfg, status="running", extra={"started": started})
     pool = None
     started_ray = False
     rows_read = n_valid = 0
     timings: dict[str, float] = {}
     try:
+        mf.write(cfg, status="running", extra={"started": started})
         if resume:
             _wait_for_old_actors(cfg.run_dir)
         rows_read, n_valid = _write_seed_rejects(cfg)
@@ -599,6 +684,12 @@ def generate(cfg: RunConfig, *, verbose: bool = False) -> dict[str, Any]:
         n = pool.progress.done if pool is not None else 0
         mf.write(cfg, status="interrupted", extra={"started": started})
         raise RunInterrupted(n, n_valid, cfg.run_dir) from None
+    except Exception as exc:
+        if pool is not None:
+            pool.stop(flush=False)  # no actor writes on after the run has failed
+        if isinstance(exc, DiskFull) or is_no_space(exc):
+            _record_failure(cfg, started, exc)
+        raise
     finally:
         if started_ray:
             import ray

@@ -14,6 +14,7 @@ import heapq
 import importlib.metadata
 import json
 import logging
+import os
 import platform
 import time
 from collections import Counter
@@ -71,7 +72,11 @@ def write(cfg: RunConfig, *, status: str, extra: dict[str, Any] | None = None) -
     }
     path = cfg.run_dir / "manifest.json"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk: the old manifest stays whole
+        raise
     tmp.rename(path)
     return data
 
@@ -114,9 +119,12 @@ def _sorted_counts(counter: Counter[Any]) -> dict[Any, int]:
 def done_seed_ids(folder: Path) -> IdSet:
     """Seed ids whose chains are already written in ``folder`` (for resuming a run).
 
-    A shard that cannot be read whole (truncated, zero-length, half-written) is deleted, so its
-    chains are redone, and so is every leftover ``*.tmp`` file (a write that never reached its
-    rename); each deletion is logged as a warning. Only call this while no writer runs.
+    Every shard is checked against its recorded SHA-256 (:func:`shard_problem`) and then read
+    whole; one that fails (zero-length, truncated, altered, no recorded hash, unreadable) is
+    deleted with its hash file, so its chains are redone and it is never read as data. Every
+    leftover ``*.tmp`` file (a write that never reached its rename) and every hash file whose
+    shard is gone is deleted too. Each deletion is logged as a warning with its reason. Only
+    call this while no writer runs.
     """
     done = IdSet()
     if not folder.is_dir():
@@ -125,16 +133,23 @@ def done_seed_ids(folder: Path) -> IdSet:
         if tmp.is_file():
             log.warning("removing %s: an unfinished write (temporary file)", tmp)
             tmp.unlink()
+    for side in sorted(folder.rglob(f".*{HASH_SUFFIX}")):
+        if not (side.parent / side.name[1:-len(HASH_SUFFIX)]).exists():
+            log.warning("removing %s: the hash of a shard that is not there", side)
+            side.unlink()
     for path in shards(folder):
         chunks: list[pa.Array] = []  # Arrow strings: compact, and one shard's worth
-        try:
-            with pq.ParquetFile(path) as pf:
-                for batch in pf.iter_batches(columns=["seed_id"], batch_size=BATCH_ROWS):
-                    chunks.append(batch.column(0))
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is redone, whatever the cause
-            log.warning("removing %s: unreadable shard (%s); its chains will be redone",
-                        path, exc)
-            path.unlink()
+        problem = shard_problem(path)
+        if problem is None:
+            try:
+                with pq.ParquetFile(path) as pf:
+                    for batch in pf.iter_batches(columns=["seed_id"], batch_size=BATCH_ROWS):
+                        chunks.append(batch.column(0))
+            except Exception as exc:  # noqa: BLE001 - any unreadable file is redone
+                problem = f"unreadable ({exc})"
+        if problem is not None:
+            log.warning("removing %s: %s; its chains will be redone", path, problem)
+            remove_shard(path)
             continue
         for chunk in chunks:  # only once the whole shard was read: never half a shard
             done.update(v for v in chunk.to_pylist() if v is not None)
@@ -147,6 +162,59 @@ def _sha256(path: Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+# Each evolutions shard's SHA-256, recorded when it is written, in a hidden file beside it:
+# ``.<shard name>.sha256``, in ``sha256sum`` format. One small file per shard, written after
+# the shard's rename (temporary file, then rename), needs no coordination between actors and
+# cannot be torn; being hidden, every Parquet reader of the folder (Ray Data, pyarrow datasets,
+# ``shards``) skips it.
+HASH_SUFFIX = ".sha256"
+
+
+def hash_path(shard: Path) -> Path:
+    """Where ``shard``'s recorded SHA-256 is kept."""
+    return shard.with_name(f".{shard.name}{HASH_SUFFIX}")
+
+
+def record_hash(shard: Path) -> str:
+    """Compute ``shard``'s SHA-256 and record it atomically in :func:`hash_path`; returns it.
+    Call after the shard has its final name: a shard without a hash is then one whose writer
+    stopped in between, and is redone."""
+    digest = _sha256(shard)
+    side = hash_path(shard)
+    tmp = side.with_name(side.name + ".tmp")
+    try:
+        with tmp.open("w", encoding="ascii") as fh:
+            fh.write(f"{digest}  {shard.name}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, side)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return digest
+
+
+def shard_problem(shard: Path) -> str | None:
+    """Why ``shard`` cannot be trusted as data, or None when its bytes match its recorded
+    SHA-256."""
+    if shard.stat().st_size == 0:
+        return "zero-length shard"
+    try:
+        recorded = hash_path(shard).read_text(encoding="ascii").split()[0]
+    except (FileNotFoundError, IndexError, UnicodeDecodeError):
+        return "no recorded SHA-256 (its writer stopped between the shard and its hash)"
+    if _sha256(shard) != recorded:
+        return "its SHA-256 does not match the one recorded when it was written (truncated or " \
+               "corrupted since)"
+    return None
+
+
+def remove_shard(shard: Path) -> None:
+    """Delete a shard and its recorded hash."""
+    shard.unlink(missing_ok=True)
+    hash_path(shard).unlink(missing_ok=True)
 
 
 def _shard_list(run_dir: Path) -> list[dict[str, Any]]:

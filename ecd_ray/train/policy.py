@@ -135,7 +135,8 @@ class Policy:
                 from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
                 hf_ds = HfDeepSpeedConfig(self.ds_config)  # partitions the weights at load
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
             own = "scheduler" in self.ds_config  # set in the deepspeed_config JSON override
             self.engine, _, _, _ = deepspeed.initialize(
                 model=model, model_parameters=model.parameters(), config=self.ds_config,
@@ -149,7 +150,8 @@ class Policy:
             self.model = self.engine
             self.module = self.engine.module
         else:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device)
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=dtype, trust_remote_code=cfg.trust_remote_code).to(self.device)
             self.module = model
             if distributed:
                 import ray.train.torch

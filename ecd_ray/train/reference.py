@@ -172,12 +172,14 @@ class ReferenceWorker:
     """Ray Data actor: adds ``ref_chosen_logp`` / ``ref_rejected_logp`` to PAIRS batches."""
 
     def __init__(self, model_dir: str, collate: dict[str, Any], threads: int = 1,
-                 dtype: str = "float32", gpus: int = 0):
+                 dtype: str = "float32", gpus: int = 0, trust_remote_code: bool = False):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(threads)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir,
+                                                       trust_remote_code=trust_remote_code)
+        kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype),
+                                  "trust_remote_code": trust_remote_code}
         if gpus > 1:
             kwargs["device_map"] = "auto"  # split over this actor's GPUs
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
@@ -202,7 +204,8 @@ class ReferenceWorker:
 def add_reference_logprobs(pairs_dir: Path, out_dir: Path, model_dir: Path,
                            collate: CollateConfig, *, limit: int | None = None,
                            replicas: int = 1, cpus: float = 1, gpus: int = 0,
-                           dtype: str = "float32", block_rows: int = 32) -> int:
+                           dtype: str = "float32", block_rows: int = 32,
+                           trust_remote_code: bool = False) -> int:
     """The reference stage: read PAIRS shards (the first ``limit``), write them back with the
     two ref columns. ``replicas`` actors of ``cpus`` CPUs and ``gpus`` GPUs each share the
     blocks of ``block_rows`` pairs; returns the number of shards written."""
@@ -222,7 +225,7 @@ def add_reference_logprobs(pairs_dir: Path, out_dir: Path, model_dir: Path,
         ReferenceWorker,
         fn_constructor_kwargs={"model_dir": str(model_dir), "collate": collate.__dict__,
                                "threads": max(1, math.floor(cpus)), "dtype": dtype,
-                               "gpus": gpus},
+                               "gpus": gpus, "trust_remote_code": trust_remote_code},
         batch_size=block_rows, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=replicas), num_cpus=cpus, num_gpus=gpus,
     )

@@ -22,6 +22,7 @@ import logging
 import os
 import resource
 import shutil
+import signal
 import tempfile
 import time
 from collections import Counter
@@ -33,6 +34,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
+from ecd_ray import runlock
 from ecd_ray.config import TrainConfig
 from ecd_ray.train.collate import (
     CollateConfig,
@@ -55,7 +57,10 @@ from ecd_ray.train.reference import (
 
 log = logging.getLogger(__name__)
 
-FAIL_AT_STEP_ENV = "ECD_RAY_FAIL_AT_STEP"  # test hook: crash rank 0 once at this step
+# Test hook: ``N`` raises in rank 0 once, after optimizer step N and before its checkpoint;
+# ``N:kill`` SIGKILLs rank 0's process once, in the middle of step N (after its first
+# micro-batch's backward), as a lost worker would die.
+FAIL_AT_STEP_ENV = "ECD_RAY_FAIL_AT_STEP"
 STAGE_COLUMN = "stage"  # the curriculum stage of a pair (ecd_ray.curriculum), 0 = easiest
 
 
@@ -184,6 +189,14 @@ def _restore(policy: Any, config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
+    if ckpt is not None and (problem := checkpoint_problem(Path(ckpt.path))) is not None:
+        # Ray Train's latest report was damaged after it was registered: take the newest
+        # whole one on disk (the driver checked config["resume_from"] the same way)
+        log.warning("not restoring %s: %s", ckpt.path, problem)
+        ckpt = None
+        fallback = latest_checkpoint(Path(config["run_dir"]))
+        if fallback is not None:
+            ckpt = ray.train.Checkpoint(str(fallback))
     if ckpt is None and config.get("resume_from"):
         ckpt = ray.train.Checkpoint(config["resume_from"])
     if ckpt is None:
@@ -201,6 +214,10 @@ def _checkpoint(policy: Any, state: dict[str, Any], metrics: dict[str, Any], ran
     try:
         policy.save_checkpoint(folder, state, rank)
         shared = policy.cfg.strategy == "deepspeed" or rank == 0  # ZeRO: every rank's shards
+        if shared:
+            writers = ray.train.get_context().get_world_size() \
+                if policy.cfg.strategy == "deepspeed" else 1
+            _seal(folder, rank, writers)
         ckpt = ray.train.Checkpoint.from_directory(str(folder)) if shared else None
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{state['step']:06d}")
     finally:
@@ -235,7 +252,7 @@ def train_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     run_dir, model_dir = Path(config["run_dir"]), Path(config["model_dir"])
     torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
     policy = Policy(cfg, model_dir, config["total_steps"])
     ref_model = None
     if cfg.reference == "resident":
@@ -243,7 +260,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
         # The policy's compute precision and device (the precision rule in reference.py).
         ref_model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch_dtype(cfg, policy.on_gpu)).to(policy.device).eval()
+            model_dir, dtype=torch_dtype(cfg, policy.on_gpu),
+            trust_remote_code=cfg.trust_remote_code).to(policy.device).eval()
     state = _restore(policy, config)
     logger = _Logger(run_dir, rank, cfg.tensorboard)
     if rank == 0 and state.get("resumed_from"):
@@ -255,7 +273,9 @@ def train_loop(config: dict[str, Any]) -> None:
         (run_dir / "data_log").mkdir(exist_ok=True)
         data_log = (run_dir / "data_log" / f"rank{rank}.jsonl").open("a")
     micro_per_epoch = config["steps_per_epoch"] * cfg.grad_accum
-    fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0"))
+    fail_spec = os.environ.get(FAIL_AT_STEP_ENV, "0").split(":")
+    fail_at, fail_kill = int(fail_spec[0]), fail_spec[1:] == ["kill"]
+    fail_once = rank == 0 and not (run_dir / ".failed").exists()
     step = state["step"]
     for epoch in range(state["epoch"], cfg.epochs):
         skip = state["micro"] if epoch == state["epoch"] else 0
@@ -278,6 +298,9 @@ def train_loop(config: dict[str, Any]) -> None:
                 lr = policy.lr()  # the rate this optimizer step uses
             outs.append(policy.forward_backward(batch, ref))
             tokens += int(batch["attention_mask"].sum())
+            if fail_kill and fail_once and step + 1 == fail_at and len(outs) == 1:
+                (run_dir / ".failed").write_text("killed\n")
+                os.kill(os.getpid(), signal.SIGKILL)
             if (micro + 1) % cfg.grad_accum:
                 continue
             step += 1
@@ -287,7 +310,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 metrics["stage"] = mb.stage
             logger.write(metrics)
             state = {"step": step, "epoch": epoch, "micro": micro + 1}
-            if fail_at and step == fail_at and rank == 0 and not (run_dir / ".failed").exists():
+            if fail_at and not fail_kill and fail_once and step == fail_at:
                 (run_dir / ".failed").write_text("injected\n")
                 raise RuntimeError(f"injected failure at step {step} ({FAIL_AT_STEP_ENV})")
             if step % cfg.checkpoint_every == 0 or step == config["total_steps"]:
@@ -308,10 +331,52 @@ def train_loop(config: dict[str, Any]) -> None:
 # Driver
 
 
+SEAL = "ecd_complete_rank{rank}.json"
+
+
+def _seal(folder: Path, rank: int, writers: int) -> None:
+    """Record, last, what this rank's part of a checkpoint holds: every file and its size.
+    A checkpoint folder is whole only when every writing rank's record is there and matches."""
+    files = {str(p.relative_to(folder)): p.stat().st_size
+             for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / SEAL.format(rank=rank)).write_text(json.dumps(
+        {"rank": rank, "writers": writers, "files": files}, indent=1))
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a whole checkpoint (a write cut short, a file deleted or
+    truncated since), or None when every writing rank's record is there and every file it
+    lists has its recorded size."""
+    seals = sorted(folder.glob(SEAL.format(rank="*")))
+    if not seals:
+        return "no completion record (the write never finished, or it predates them)"
+    try:
+        writers = json.loads(seals[0].read_text())["writers"]
+        for rank in range(writers):
+            seal = folder / SEAL.format(rank=rank)
+            if not seal.is_file():
+                return f"rank {rank} of {writers} never finished writing its part"
+            for name, size in json.loads(seal.read_text())["files"].items():
+                f = folder / name
+                if not f.is_file():
+                    return f"{name} is missing"
+                if f.stat().st_size != size:
+                    return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable completion record ({exc})"
+    return None
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The highest-step checkpoint any earlier attempt of this run wrote."""
+    """The highest-step whole checkpoint any earlier attempt of this run wrote; a damaged one
+    (see :func:`checkpoint_problem`) is passed over with a warning naming what is wrong."""
     found = sorted(run_dir.glob("ray/*/step_*"), key=lambda p: int(p.name.split("_")[1]))
-    return found[-1] if found else None
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("passing over checkpoint %s: %s", path, problem)
+    return None
 
 
 RESUME_KEY_FILE = "resume_key.json"
@@ -349,6 +414,7 @@ RESUME_FREE_FIELDS = (
     "cpus_per_worker", "use_gpu", "dtype", "offload_optimizer", "offload_params",
     "reference_gpus",  # the reference pool's layout; its output is reused or keyed anyway
     "param_persistence_threshold", "deepspeed_config",
+    "trust_remote_code",  # how the same weights are loaded; refusing a resume gains nothing
     "checkpoint_every", "keep_checkpoints", "max_failures", "tensorboard", "data_log", "ray",
 )
 
@@ -454,7 +520,8 @@ def _reference_stage(cfg: TrainConfig, model_dir: Path) -> Path:
           f"{f' x {layout.gpus} GPU' if layout.gpus else ''}, {layout.dtype}", flush=True)
     add_reference_logprobs(Path(cfg.pairs).resolve(), out, model_dir, collate_config(cfg),
                            limit=cfg.max_pairs, replicas=layout.replicas, cpus=layout.cpus,
-                           gpus=layout.gpus, dtype=layout.dtype)
+                           gpus=layout.gpus, dtype=layout.dtype,
+                           trust_remote_code=cfg.trust_remote_code)
     done.write_text(json.dumps({"seconds": round(time.time() - t, 1), "model": str(model_dir),
                                 "layout": layout.__dict__, "key": key}, indent=2))
     log.info("reference log-probs written to %s in %.0f s", out, time.time() - t)
@@ -555,7 +622,16 @@ def curriculum_datasets(ds: Any, counts: Mapping[int, int], num_workers: int
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) a training run; returns the summary it writes to ``train_summary.json``."""
+    """Run (or resume) a training run; returns the summary it writes to ``train_summary.json``.
+
+    The run folder's lock (:mod:`ecd_ray.runlock`) is held throughout, so a second run on the
+    folder (or its ``overwrite=true``) is refused with :class:`~ecd_ray.runlock.RunLocked`.
+    """
+    with runlock.hold(cfg.run_dir.resolve()):
+        return _train_locked(cfg)
+
+
+def _train_locked(cfg: TrainConfig) -> dict[str, Any]:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -566,13 +642,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.curriculum:
         check_stage_column(Path(cfg.pairs).resolve())
     if cfg.overwrite:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        runlock.clear_run_dir(run_dir)  # everything but the lock this process holds
     if (run_dir / "train_summary.json").exists():
         raise FileExistsError(f"{run_dir} holds a finished training run; set overwrite=true or "
                               "choose another run_name")
     model_dir = resolve_model(cfg.model)
     # A resume whose data order or schedule would differ is refused before anything is written.
     resume = Path(cfg.resume_from).resolve() if cfg.resume_from else latest_checkpoint(run_dir)
+    if cfg.resume_from and (problem := checkpoint_problem(resume)) is not None:
+        raise ValueError(f"resume_from={cfg.resume_from} is not a whole checkpoint: {problem}")
     key = resume_key(cfg, model_dir)
     if resume is not None:
         check_resume(resume, key, run_dir)
