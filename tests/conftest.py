@@ -61,3 +61,27 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, embedded_model: Path) -
         if (embedded_model / name).exists():
             shutil.copy(embedded_model / name, out / name)
     return out
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
+    """(tests/reliability) One uninterrupted run of the small configuration of
+    ``tests/reliability/reliability_runs.py``, in-process: its folder and its pairs, which
+    every faulted-then-resumed run must reproduce exactly. (Here rather than in a
+    ``tests/reliability/conftest.py``: two modules named ``conftest`` would shadow each other
+    for the test modules that import ``requires_vllm`` from this one.)"""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "reliability"))
+    from reliability_runs import N_SEEDS, check_complete, pairs, run_args
+
+    from ecd_ray.config import load_config
+    from ecd_ray.pipeline.generate import generate
+
+    out = tmp_path_factory.mktemp("reference")
+    cfg = load_config(None, run_args(out, tiny_model, "ref"))
+    generate(cfg)
+    check_complete(cfg.run_dir)  # and the lock is released after a normal run
+    got = pairs(cfg.run_dir)
+    assert len(got) > N_SEEDS  # rounds=2, policy=all: up to two pairs a seed
+    return cfg.run_dir, got

@@ -30,9 +30,9 @@ def _ids(shard: Path) -> set[str]:
 
 @pytest.mark.slow
 def test_damaged_shards_are_redone_on_resume_and_the_pairs_are_unchanged(
-        reference: tuple[Path, list[dict[str, Any]]], tiny_model: Path,
+        uninterrupted_run: tuple[Path, list[dict[str, Any]]], tiny_model: Path,
         caplog: pytest.LogCaptureFixture) -> None:
-    run_dir, expected = reference
+    run_dir, expected = uninterrupted_run
     evolutions = run_dir / "evolutions"
     shards = mf.shards(evolutions)
     assert len(shards) >= 5, [p.name for p in shards]

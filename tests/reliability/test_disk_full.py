@@ -109,7 +109,7 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 @pytest.mark.slow
 def test_full_filesystem_mid_run_stops_cleanly_and_resumes(
         small_fs: Path, tmp_path: Path, tiny_model: Path,
-        reference: tuple[Path, list[dict[str, Any]]]) -> None:
+        uninterrupted_run: tuple[Path, list[dict[str, Any]]]) -> None:
     args = run_args(small_fs, tiny_model, "d")
     run_dir = small_fs / "d"
     proc = start(args, tmp_path / "d1.log")
@@ -129,12 +129,13 @@ def test_full_filesystem_mid_run_stops_cleanly_and_resumes(
     print(f"disk full after {len(before)} shard(s) ({written} seeds): stopped in "
           f"{stopped_in:.1f} s")
     filler.unlink()
-    _resume_and_compare(args, run_dir, tmp_path / "d2.log", before, reference[1])
+    _resume_and_compare(args, run_dir, tmp_path / "d2.log", before, uninterrupted_run[1])
 
 
 @pytest.mark.slow
 def test_enospc_on_a_shard_and_on_the_manifest_stops_cleanly_and_resumes(
-        tmp_path: Path, tiny_model: Path, reference: tuple[Path, list[dict[str, Any]]]) -> None:
+        tmp_path: Path, tiny_model: Path,
+        uninterrupted_run: tuple[Path, list[dict[str, Any]]]) -> None:
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full on this system")
     args = run_args(tmp_path, tiny_model, "f")
@@ -172,4 +173,4 @@ def test_enospc_on_a_shard_and_on_the_manifest_stops_cleanly_and_resumes(
     assert finish(proc) == 1, (tmp_path / "f2.log").read_text()[-3000:]
     assert _check_stopped_resumable(run_dir, tmp_path / "f2.log") == before
     assert not (run_dir / "manifest.tmp").is_symlink()  # the failed write cleaned up after it
-    _resume_and_compare(args, run_dir, tmp_path / "f3.log", before, reference[1])
+    _resume_and_compare(args, run_dir, tmp_path / "f3.log", before, uninterrupted_run[1])
