@@ -627,6 +627,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     The run folder's lock (:mod:`ecd_ray.runlock`) is held throughout, so a second run on the
     folder (or its ``overwrite=true``) is refused with :class:`~ecd_ray.runlock.RunLocked`.
     """
+    if cfg.curriculum:  # an input check: refused before the run folder exists
+        check_stage_column(Path(cfg.pairs).resolve())
     with runlock.hold(cfg.run_dir.resolve()):
         return _train_locked(cfg)
 
@@ -639,8 +641,6 @@ def _train_locked(cfg: TrainConfig) -> dict[str, Any]:
     from ecd_ray.models import resolve_model
 
     run_dir = cfg.run_dir.resolve()
-    if cfg.curriculum:
-        check_stage_column(Path(cfg.pairs).resolve())
     if cfg.overwrite:
         runlock.clear_run_dir(run_dir)  # everything but the lock this process holds
     if (run_dir / "train_summary.json").exists():
