@@ -31,9 +31,13 @@ The same work on both sides:
   forward on both sides (ecd: ``grad_accum = global / (micro x num_workers)``; TRL:
   ``global / micro``). With ``--order ecd`` (the default) the ecd modes run first with
   ``data_log=true`` and TRL trains on the first ecd run's micro-batches, in its order
-  (``train_sampling_strategy=sequential``), so each step sees the same pairs and the same
-  padding on both sides and the loss curves are comparable step by step; ``--order file``
-  lets TRL take the pairs in file order instead;
+  (``train_sampling_strategy=sequential``), so each step sees the same pairs on both sides
+  and the loss curves are comparable step by step; ``--order file`` lets TRL take the pairs
+  in file order instead. How a micro-batch becomes rows is each side's own: TRL pads chosen
+  and rejected rows to the longest; ecd uses its default ``layout=auto`` (shared-prompt rows
+  for SmolLM2: the prompt once per pair, no answer padded to its partner's length;
+  ``--ecd-override layout=padded`` gives it TRL's rows). The tokens counted are the same
+  (prompt + chosen plus prompt + rejected of every pair, without padding);
 - the optimisation: DPO (sigmoid) with ``--beta``, AdamW at ``--lr`` with a cosine schedule,
   no warm-up, ``--weight-decay`` and ``--clip-grad``, ``--steps`` optimizer steps;
   gradient checkpointing ``--gradient-checkpointing`` on both (default off: ecd's choice on

@@ -399,6 +399,12 @@ class TrainConfig(_Model):
     # at a time, never building the batch's full-vocabulary logits (ecd_ray.train.collate);
     # full: the whole [2B, T, V] logits and their fp32 log-softmax (for comparison).
     logprobs: Literal["chunked", "full"] = "chunked"
+    # How a micro-batch's pairs become rows. shared_prompt: one row per pair, prompt + chosen +
+    # rejected, a 4-D mask keeping the two answers apart: the prompt is computed once, and no
+    # pair pads to its longer answer. padded: chosen and rejected as separate rows, padded to
+    # the longest (what TRL does). auto: shared_prompt unless the model's attention takes no
+    # custom mask (FlashAttention, sliding windows). Both give the same log-probs to rounding.
+    layout: Literal["auto", "shared_prompt", "padded"] = "auto"
     logprob_chunk: int = Field(1024, ge=1)
     # Recompute each decoder layer's activations in backward instead of keeping them: less
     # memory, ~1/3 more compute. auto: on with GPUs (where memory bounds the batch), off on CPU.

@@ -10,10 +10,13 @@ import torch
 
 from ecd_ray.train.collate import (
     CollateConfig,
+    TokenizedPair,
     bucket_batches,
     collate_pairs,
+    collate_shared_prompt,
     concatenated_logprobs,
     pad_token_id,
+    resolve_layout,
     tokenize_pair,
     tokenize_table_rows,
 )
@@ -325,3 +328,94 @@ def test_bucket_batches_are_length_homogeneous_within_a_window():
 def test_bucket_batches_rejects_bad_sizes():
     with pytest.raises(ValueError):
         bucket_batches([1, 2], 0)
+
+
+# ---------------------------------------------------------------- shared-prompt layout
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_layout_equals_separate_sequences(tok, tiny_model, attn):
+    """One row per pair (prompt + chosen + rejected, a 4-D mask) against the padded layout
+    (two rows per pair), in value and gradient, chunked and full, to 1e-5 in fp32; and the
+    rows hold fewer tokens."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32,
+                                                 attn_implementation=attn)
+    model.train()
+    pairs = _pairs(tok)
+    pad = pad_token_id(tok)
+    padded, shared = collate_pairs(pairs, pad), collate_shared_prompt(pairs, pad)
+    assert shared["input_ids"].shape[0] == len(pairs)
+    assert shared["input_ids"].numel() < padded["input_ids"].numel()
+    assert int(shared["sequence_tokens"]) == int(padded["attention_mask"].sum())
+    for chunk in (None, 5, 1024):
+        want, want_grads = _logps_and_grads(model, padded, chunk)
+        got, grads = _logps_and_grads(model, shared, chunk)
+        torch.testing.assert_close(got[2], want[2], atol=0, rtol=0)
+        torch.testing.assert_close(got[3], want[3], atol=0, rtol=0)
+        for g, w, n in ((got[0], want[0], want[2]), (got[1], want[1], want[3])):
+            torch.testing.assert_close(g / n, w / n, atol=1e-5, rtol=0)
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-7)
+        assert grads.keys() == want_grads.keys()
+        for name, w in want_grads.items():
+            rel = (grads[name] - w).norm() / w.norm().clamp(min=1e-12)
+            assert rel < 1e-5, (chunk, name, float(rel))
+
+
+def test_shared_prompt_mask_keeps_the_answers_apart(tok, tiny_model):
+    """Rejected tokens must not see the chosen ones: with that one rule dropped from the mask
+    the rejected log-probs change (so the equality test above can fail), the chosen ones not."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    batch = collate_shared_prompt(_pairs(tok), pad_token_id(tok))
+    width = batch["input_ids"].shape[1]
+    leaky = dict(batch)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    leaky["attention_mask"] = batch["attention_mask"] | (causal & batch["attention_mask"].any(-1,
+                                                         keepdim=True))
+    with torch.no_grad():
+        c, r, _, _ = concatenated_logprobs(model, batch)
+        lc, lr, _, _ = concatenated_logprobs(model, leaky)
+    torch.testing.assert_close(lc, c, atol=1e-5, rtol=0)
+    assert (lr - r).abs().max() > 1e-3
+
+
+def test_shared_prompt_scores_the_tokens_of_each_answer(tok):
+    pairs = _pairs(tok)
+    batch = collate_shared_prompt(pairs, pad_token_id(tok))
+    b = len(pairs)
+    for i, p in enumerate(pairs):
+        n = p.prompt_len
+        ids, pos = batch["input_ids"][i].tolist(), batch["position_ids"][i].tolist()
+        for slot, answer in ((i, p.chosen_ids[n:]), (b + i, p.rejected_ids[n:])):
+            at = batch["token_slot"] == slot
+            assert batch["token_id"][at].tolist() == answer
+            assert (batch["token_row"][at] == i).all()
+            # each answer token is predicted from the position before it in its own sequence
+            before = [pos[t] for t in batch["token_pos"][at].tolist()]
+            assert before == list(range(n - 1, n - 1 + len(answer)))
+            assert [ids[t] for t in batch["token_pos"][at].tolist()][1:] == answer[:-1]
+        assert int(batch["num_tokens"][i]) == len(p.chosen_ids) - n
+    different = TokenizedPair([1, 2, 3], [0, 1, 1], [1, 9, 3], [0, 1, 1], prompt_len=2)
+    with pytest.raises(ValueError, match="share a prompt"):
+        collate_shared_prompt([different], 0)
+
+
+def test_layout_auto_falls_back_where_a_custom_mask_would_be_wrong():
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    llama = LlamaConfig(num_hidden_layers=1)
+    llama._attn_implementation = "sdpa"
+    assert resolve_layout("auto", llama) == "shared_prompt"
+    assert resolve_layout("padded", llama) == "padded"
+    llama._attn_implementation = "flash_attention_2"
+    assert resolve_layout("auto", llama) == "padded"
+    with pytest.raises(ValueError, match="4-D mask"):
+        resolve_layout("shared_prompt", llama)
+    gemma = Gemma3TextConfig(num_hidden_layers=2, sliding_window=16)
+    gemma._attn_implementation = "sdpa"
+    assert resolve_layout("auto", gemma) == "padded"
+    with pytest.raises(ValueError, match="sliding"):
+        resolve_layout("shared_prompt", gemma)

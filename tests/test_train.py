@@ -70,6 +70,15 @@ def test_deepspeed_config_is_generated_from_the_project_config(tmp_path: Path) -
     ds = deepspeed_config(cfg.model_copy(update={"deepspeed_config": str(override)}), 100, False)
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"]
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"  # merged, not replaced
+    # ZeRO-3 buckets sized from the model's hidden size (HF's "auto" rule), unless overridden
+    assert "reduce_bucket_size" not in deepspeed_config(cfg, 100, False)["zero_optimization"]
+    sized = deepspeed_config(cfg, 100, False, hidden_size=576)["zero_optimization"]
+    assert sized["reduce_bucket_size"] == 576 * 576
+    assert sized["stage3_prefetch_bucket_size"] == int(0.9 * 576 * 576)
+    override.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 123}}))
+    ds = deepspeed_config(cfg.model_copy(update={"deepspeed_config": str(override)}), 100, False,
+                          hidden_size=576)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 123
 
 
 def test_deepspeed_and_ddp_follow_the_same_lr_schedule(tmp_path: Path, tiny_model: Path) -> None:

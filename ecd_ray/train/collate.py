@@ -6,8 +6,17 @@ generation prompt (``<|im_start|>assistant\\n`` for SmolLM2); the response is ev
 template renders after it, up to and including the end-of-turn token (``<|im_end|>``), so the
 model is trained to stop. Whitespace the template puts after the end-of-turn token is dropped.
 
-:func:`collate_pairs` stacks chosen rows (``0..B-1``) above rejected rows (``B..2B-1``) so that
-one forward pass scores both; :func:`concatenated_logprobs` runs that pass. :func:`bucket_batches`
+Two batch layouts (:func:`collate`), which give the same log-probs up to float rounding:
+
+- ``padded`` (:func:`collate_pairs`) stacks chosen rows (``0..B-1``) above rejected rows
+  (``B..2B-1``), each padded to the longest, so that one forward pass scores both (what TRL's
+  DPOTrainer does);
+- ``shared_prompt`` (:func:`collate_shared_prompt`, the trainer's default where the model
+  allows it) puts each pair in one row, ``prompt + chosen + rejected``, with a 4-D attention
+  mask that keeps the two answers apart: the prompt is computed once, and a short answer is
+  not padded to its partner's length. On the demo's pairs it runs about 0.65x the tokens.
+
+:func:`concatenated_logprobs` runs the pass. :func:`bucket_batches`
 groups pairs of similar length to cut padding; :func:`stage_batches` does it within each
 curriculum stage, easy stages first.
 """
@@ -74,6 +83,22 @@ class TokenizedPair:
     def length(self) -> int:
         """The longer of the two sequences (what the pair costs in a padded batch)."""
         return max(len(self.chosen_ids), len(self.rejected_ids))
+
+    @property
+    def shared_length(self) -> int:
+        """prompt + chosen response + rejected response: the pair's row in the shared-prompt
+        layout (:func:`collate_shared_prompt`)."""
+        return len(self.chosen_ids) + len(self.rejected_ids) - self.prompt_len
+
+    @property
+    def sequence_tokens(self) -> int:
+        """prompt + chosen plus prompt + rejected: the pair's tokens as a DPO trainer that
+        scores the two sequences separately sees them (the unit of the tokens/s figures)."""
+        return len(self.chosen_ids) + len(self.rejected_ids)
+
+    def row_length(self, layout: str) -> int:
+        """What the pair costs in a batch of ``layout``."""
+        return self.shared_length if layout == "shared_prompt" else self.length
 
 
 @dataclass(frozen=True)
@@ -226,7 +251,120 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, Tens
         "labels": input_ids[:, 1:],
         "loss_mask": loss_mask,
         "num_tokens": loss_mask.sum(-1),
+        "sequence_tokens": attention_mask.sum(),
     }
+
+
+# Where a token sits in a shared-prompt row (padding last).
+_PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
+
+
+def collate_shared_prompt(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, Tensor]:
+    """One right-padded batch of ``B`` rows, one per pair, each ``prompt + chosen response +
+    rejected response``: the prompt is computed once for both answers instead of twice.
+
+    Each token sees what it would see in its own sequence, and nothing else: a 4-D boolean
+    ``attention_mask [B, 1, T, T]`` is causal, except that rejected tokens do not see the
+    chosen ones, and ``position_ids`` restart the rejected response right after the prompt.
+    So the hidden state of every response token is that of the separate ``prompt + chosen``
+    or ``prompt + rejected`` sequence (up to float rounding), and the scores equal
+    :func:`collate_pairs`' (tests/test_collate.py). The first token of each response is
+    predicted from the prompt's last position, which both share.
+
+    The scored tokens are listed flat: ``token_row``/``token_pos`` (the position whose hidden
+    state predicts the token), ``token_id``, and ``token_slot`` (``i`` for pair ``i``'s chosen
+    response, ``B + i`` for its rejected one). ``num_tokens [2B]`` and ``sequence_tokens``
+    (prompt + chosen plus prompt + rejected, as :func:`collate_pairs` counts) as there.
+    Padding positions see only themselves.
+    """
+    if not pairs:
+        raise ValueError("collate_shared_prompt needs at least one pair")
+    b = len(pairs)
+    width = max(p.shared_length for p in pairs)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((b, width), dtype=torch.long)
+    segment = torch.full((b, width), _PAD, dtype=torch.long)
+    rows: list[int] = []
+    pos: list[int] = []
+    labels: list[int] = []
+    slots: list[int] = []
+    for i, p in enumerate(pairs):
+        n = p.prompt_len
+        if n < 1 or p.chosen_ids[:n] != p.rejected_ids[:n]:
+            raise ValueError(f"pair {i}: chosen and rejected do not share a prompt of "
+                             f"{n} tokens; use layout=padded")
+        chosen, rejected = p.chosen_ids[n:], p.rejected_ids[n:]
+        c, r = len(chosen), len(rejected)
+        ids[i, : n + c + r] = torch.tensor(p.chosen_ids + rejected, dtype=torch.long)
+        positions[i, : n + c] = torch.arange(n + c)
+        positions[i, n + c : n + c + r] = torch.arange(n, n + r)
+        segment[i, :n], segment[i, n : n + c], segment[i, n + c : n + c + r] = (
+            _PROMPT, _CHOSEN, _REJECTED)
+        # chosen token k sits at n + k and is predicted from n + k - 1; rejected token k sits
+        # at n + c + k and is predicted from n + c + k - 1, except k = 0: from the prompt's end
+        rows += [i] * (c + r)
+        pos += list(range(n - 1, n + c - 1))
+        pos += ([n - 1] + list(range(n + c, n + c + r - 1))) if r else []
+        labels += chosen + rejected
+        slots += [i] * c + [b + i] * r
+    index = torch.arange(width)
+    causal = index[None, :] <= index[:, None]
+    seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+    mask = causal & ~((seg_q == _REJECTED) & (seg_k == _CHOSEN)) & (seg_q != _PAD) & \
+        (seg_k != _PAD)
+    mask |= torch.eye(width, dtype=torch.bool)  # padding rows attend to themselves
+    slot = torch.tensor(slots, dtype=torch.long)
+    return {
+        "input_ids": ids,
+        "position_ids": positions,
+        "attention_mask": mask[:, None],
+        "token_row": torch.tensor(rows, dtype=torch.long),
+        "token_pos": torch.tensor(pos, dtype=torch.long),
+        "token_id": torch.tensor(labels, dtype=torch.long),
+        "token_slot": slot,
+        "num_tokens": torch.bincount(slot, minlength=2 * b),
+        "sequence_tokens": torch.tensor(sum(p.sequence_tokens for p in pairs)),
+    }
+
+
+LAYOUTS = ("shared_prompt", "padded")
+
+
+def collate(pairs: Sequence[TokenizedPair], pad_id: int, layout: str) -> dict[str, Tensor]:
+    """:func:`collate_shared_prompt` or :func:`collate_pairs`, by ``layout``."""
+    if layout == "shared_prompt":
+        return collate_shared_prompt(pairs, pad_id)
+    if layout == "padded":
+        return collate_pairs(pairs, pad_id)
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def shared_prompt_problem(model_config: Any) -> str | None:
+    """Why a model cannot take the shared-prompt layout (its custom 4-D mask), or None.
+
+    FlashAttention kernels take no arbitrary mask, and a sliding-window layer would get the
+    full causal mask instead of its window, so those models use the padded layout."""
+    impl = getattr(model_config, "_attn_implementation", None) or "eager"
+    if impl not in ("sdpa", "eager"):
+        return f"its attention implementation {impl!r} takes no custom 4-D mask"
+    window = getattr(model_config, "sliding_window", None)
+    types = getattr(model_config, "layer_types", None) or []
+    if window or any("sliding" in str(t) for t in types):
+        return "it has sliding-window attention layers, which a custom 4-D mask would override"
+    return None
+
+
+def resolve_layout(requested: str, model_config: Any) -> str:
+    """The batch layout to use: ``auto`` is shared_prompt where the model takes it."""
+    if requested == "padded":
+        return "padded"
+    problem = shared_prompt_problem(model_config)
+    if requested == "shared_prompt" and problem:
+        raise ValueError(f"layout=shared_prompt: the model cannot use it: {problem}; use "
+                         "layout=padded or auto")
+    if requested not in ("shared_prompt", "auto"):
+        raise ValueError(f"layout must be auto, {' or '.join(LAYOUTS)}, got {requested!r}")
+    return "padded" if problem else "shared_prompt"
 
 
 # Response tokens per slice of the chunked log-prob computation: one slice's fp32 logits are
@@ -238,23 +376,28 @@ def concatenated_logprobs(
     model: torch.nn.Module, batch: Mapping[str, Tensor], *,
     chunk: int | None = DEFAULT_LOGPROB_CHUNK,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One forward pass of a causal LM over a :func:`collate_pairs` batch (already on the
-    model's device); returns ``(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens)``,
-    each ``[B]``, the log-probs summed over response tokens.
+    """One forward pass of a causal LM over a :func:`collate_pairs` or
+    :func:`collate_shared_prompt` batch (already on the model's device); returns
+    ``(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens)``, each ``[B]``, the
+    log-probs summed over response tokens.
 
-    ``chunk=None`` computes the full ``[2B, T, V]`` logits and their fp32 log-softmax (the
-    textbook way; memory ``2B x T x V x 4`` bytes, 2 GiB per sequence-batch at 128k x 2048).
+    ``chunk=None`` computes the model's full logits and their fp32 log-softmax (the textbook
+    way; memory ``rows x T x V x 4`` bytes, 2 GiB per sequence-batch at 128k x 2048).
     Otherwise (the default) the model returns only its final hidden states, and the LM head,
     log-softmax and gather run over the *response* positions only, ``chunk`` of them at a
     time, each slice under activation checkpointing: the full-vocabulary logits of the batch
     never exist, and backward keeps one slice's logits at a time. Under ZeRO-3 the head runs
     once over the response positions (see ``_chunked_logprobs``) and only the fp32 part is
-    sliced. The two agree to float rounding (tests/test_collate.py)."""
-    if chunk is None:
-        out = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        )
+    sliced. All of them agree to float rounding (tests/test_collate.py)."""
+    if chunk is None and "token_slot" not in batch:
+        out = model(**_model_inputs(model, batch))
         logps, tokens = sequence_logprobs(out.logits[:, :-1], batch["labels"], batch["loss_mask"])
+    elif chunk is None:
+        logits = model(**_model_inputs(model, batch)).logits
+        rows, pos, labels, slots, n = _scored_tokens(batch)
+        softcap = getattr(getattr(_hf_model(model), "config", None), "final_logit_softcapping",
+                          None)
+        logps, tokens = _slot_sums(_logits_logps(logits[rows, pos], labels, softcap), slots, n)
     else:
         logps, tokens = _chunked_logprobs(model, batch, chunk)
     b = logps.shape[0] // 2
@@ -266,6 +409,40 @@ def _hf_model(model: torch.nn.Module) -> Any:
     while not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):
         model = model.module
     return model
+
+
+def _model_inputs(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The forward's keyword arguments for a batch of either layout."""
+    mask = batch["attention_mask"]
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
+    if mask.dim() == 4:  # shared-prompt: a boolean [B, 1, T, T] mask and explicit positions
+        config = getattr(_hf_model(model), "config", None)
+        if getattr(config, "_attn_implementation", "eager") != "sdpa":
+            # eager attention adds the mask to the scores; the most negative finite value,
+            # not -inf, so that no row is all -inf
+            dtype = _hf_model(model).get_input_embeddings().weight.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(dtype).min)
+        inputs["position_ids"] = batch["position_ids"]
+    inputs["attention_mask"] = mask
+    return inputs
+
+
+def _scored_tokens(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """``(rows, positions, labels, slots, slot_count)`` of the scored tokens: the hidden state
+    at ``[rows, positions]`` predicts ``labels``, whose log-prob adds to output ``slots``."""
+    if "token_slot" in batch:
+        return (batch["token_row"], batch["token_pos"], batch["token_id"], batch["token_slot"],
+                int(batch["num_tokens"].shape[0]))
+    mask = batch["loss_mask"].bool()  # already shifted: position t predicts labels[:, t]
+    where = mask.nonzero()
+    return where[:, 0], where[:, 1], batch["labels"][mask], where[:, 0], int(mask.shape[0])
+
+
+def _slot_sums(token_logps: Tensor, slots: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    dtype = torch.promote_types(token_logps.dtype, torch.float32)
+    sums = torch.zeros(n, dtype=dtype, device=token_logps.device)
+    return sums.index_add(0, slots, token_logps.to(dtype)), torch.bincount(slots, minlength=n)
 
 
 def _logits_logps(logits: Tensor, labels: Tensor, softcap: float | None) -> Tensor:
@@ -301,16 +478,13 @@ def _chunked_logprobs(model: torch.nn.Module, batch: Mapping[str, Tensor], chunk
     # is asked for one position only.
     handle = hf.get_decoder().register_forward_hook(grab)
     try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-              use_cache=False, logits_to_keep=1)
+        model(**_model_inputs(model, batch), logits_to_keep=1)
     finally:
         handle.remove()
     if len(captured) != 1:
         raise RuntimeError(f"expected one decoder output, captured {len(captured)}")
-    hidden = captured[0][:, :-1]  # position t predicts labels[:, t] (labels are shifted)
-    mask = batch["loss_mask"].bool()
-    rows = mask.nonzero()[:, 0]
-    selected, labels = hidden[mask], batch["labels"][mask].long()
+    rows, pos, labels, slots, n = _scored_tokens(batch)
+    selected, labels = captured[0][rows, pos], labels.long()
     softcap = getattr(getattr(hf, "config", None), "final_logit_softcapping", None)
     grad = torch.is_grad_enabled() and selected.requires_grad
     parts = []
@@ -329,11 +503,8 @@ def _chunked_logprobs(model: torch.nn.Module, batch: Mapping[str, Tensor], chunk
         for h, y in zip(torch.split(selected, chunk), torch.split(labels, chunk), strict=True):
             parts.append(checkpoint(_slice_logps, head, h, y, softcap, use_reentrant=False)
                          if grad else _slice_logps(head, h, y, softcap))
-    token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-    dtype = torch.promote_types(token_logps.dtype, torch.float32)
-    sums = torch.zeros(mask.shape[0], dtype=dtype, device=token_logps.device)
-    sums = sums.index_add(0, rows, token_logps.to(dtype))
-    return sums, mask.sum(-1)
+    token_logps = torch.cat(parts) if parts else selected.new_zeros(0, dtype=torch.float32)
+    return _slot_sums(token_logps, slots, n)
 
 
 def bucket_batches(

@@ -30,9 +30,10 @@ import torch
 
 from ecd_ray.train.collate import (
     CollateConfig,
-    collate_pairs,
+    collate,
     concatenated_logprobs,
     pad_token_id,
+    resolve_layout,
     tokenize_table_rows,
 )
 
@@ -153,18 +154,25 @@ def key_differences(old: Mapping[str, Any], new: Mapping[str, Any], *,
 @torch.inference_mode()
 def reference_logprobs(model: Any, tokenizer: Any, rows: list[dict[str, Any]],
                        cfg: CollateConfig, batch_size: int = REFERENCE_BATCH,
-                       device: torch.device | str = "cpu") -> tuple[list[float], list[float]]:
-    """Summed response log-probs of chosen and rejected for each PAIRS row, in order."""
+                       device: torch.device | str = "cpu", layout: str = "auto"
+                       ) -> tuple[list[float], list[float]]:
+    """Summed response log-probs of chosen and rejected for each PAIRS row, in order.
+
+    The rows are scored in batches of similar length (sorted by their length in ``layout``'s
+    rows, an ``auto`` one resolved for ``model``), then put back in order."""
+    layout = resolve_layout(layout, getattr(model, "config", None))
     pairs = tokenize_table_rows(tokenizer, rows, cfg)
-    chosen: list[float] = []
-    rejected: list[float] = []
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i].row_length(layout))
+    chosen = [0.0] * len(pairs)
+    rejected = [0.0] * len(pairs)
     pad = pad_token_id(tokenizer)
     for start in range(0, len(pairs), batch_size):
+        idx = order[start : start + batch_size]
         batch = {k: v.to(device) for k, v in
-                 collate_pairs(pairs[start : start + batch_size], pad).items()}
+                 collate([pairs[i] for i in idx], pad, layout).items()}
         c, r, _, _ = concatenated_logprobs(model, batch)
-        chosen += c.double().tolist()
-        rejected += r.double().tolist()
+        for i, vc, vr in zip(idx, c.double().tolist(), r.double().tolist(), strict=True):
+            chosen[i], rejected[i] = vc, vr
     return chosen, rejected
 
 
@@ -172,7 +180,8 @@ class ReferenceWorker:
     """Ray Data actor: adds ``ref_chosen_logp`` / ``ref_rejected_logp`` to PAIRS batches."""
 
     def __init__(self, model_dir: str, collate: dict[str, Any], threads: int = 1,
-                 dtype: str = "float32", gpus: int = 0, trust_remote_code: bool = False):
+                 dtype: str = "float32", gpus: int = 0, trust_remote_code: bool = False,
+                 layout: str = "auto"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(threads)
@@ -188,6 +197,7 @@ class ReferenceWorker:
         self.device = next(self.model.parameters()).device
         self.model.eval()
         self.cfg = CollateConfig(**collate)
+        self.layout = resolve_layout(layout, self.model.config)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         for name in ("prompt", "chosen", "rejected"):
@@ -195,7 +205,7 @@ class ReferenceWorker:
                 raise KeyError(f"reference stage needs column '{name}'; input has "
                                f"{batch.column_names}")
         chosen, rejected = reference_logprobs(self.model, self.tokenizer, batch.to_pylist(),
-                                              self.cfg, device=self.device)
+                                              self.cfg, device=self.device, layout=self.layout)
         batch = batch.drop_columns([c for c in REF_COLUMNS if c in batch.column_names])
         return batch.append_column(REF_COLUMNS[0], pa.array(chosen, pa.float64())).append_column(
             REF_COLUMNS[1], pa.array(rejected, pa.float64()))
@@ -205,7 +215,7 @@ def add_reference_logprobs(pairs_dir: Path, out_dir: Path, model_dir: Path,
                            collate: CollateConfig, *, limit: int | None = None,
                            replicas: int = 1, cpus: float = 1, gpus: int = 0,
                            dtype: str = "float32", block_rows: int = 32,
-                           trust_remote_code: bool = False) -> int:
+                           trust_remote_code: bool = False, layout: str = "auto") -> int:
     """The reference stage: read PAIRS shards (the first ``limit``), write them back with the
     two ref columns. ``replicas`` actors of ``cpus`` CPUs and ``gpus`` GPUs each share the
     blocks of ``block_rows`` pairs; returns the number of shards written."""
@@ -225,7 +235,8 @@ def add_reference_logprobs(pairs_dir: Path, out_dir: Path, model_dir: Path,
         ReferenceWorker,
         fn_constructor_kwargs={"model_dir": str(model_dir), "collate": collate.__dict__,
                                "threads": max(1, math.floor(cpus)), "dtype": dtype,
-                               "gpus": gpus, "trust_remote_code": trust_remote_code},
+                               "gpus": gpus, "trust_remote_code": trust_remote_code,
+                               "layout": layout},
         batch_size=block_rows, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=replicas), num_cpus=cpus, num_gpus=gpus,
     )

@@ -39,7 +39,7 @@ from ecd_ray.config import TrainConfig
 from ecd_ray.train.collate import (
     CollateConfig,
     bucket_batches,
-    collate_pairs,
+    collate,
     concatenated_logprobs,
     pad_token_id,
     stage_batches,
@@ -78,7 +78,7 @@ def _chunk_seed(seed: int, epoch: int, chunk: int, stage: int | None = None) -> 
 class MicroBatch:
     """One micro-batch as the training loop consumes it."""
 
-    tensors: dict[str, torch.Tensor]  # collate_pairs output
+    tensors: dict[str, torch.Tensor]  # collate() output
     ref: tuple[torch.Tensor, torch.Tensor] | None  # precomputed reference log-probs
     pair_ids: list[str | None]
     stage: int | None  # its curriculum stage; None when the curriculum is off
@@ -101,9 +101,10 @@ def _column(rows: list[dict[str, Any]], idx: list[int], name: str) -> torch.Tens
 
 
 def micro_batches(shards: Sequence[tuple[int | None, Any]], cfg: TrainConfig, tokenizer: Any,
-                  epoch: int, limit: int) -> Iterator[MicroBatch]:
+                  epoch: int, limit: int, layout: str = "padded") -> Iterator[MicroBatch]:
     """The first ``limit`` length-bucketed micro-batches of this worker's shards for ``epoch``,
-    in a deterministic order, with their precomputed reference log-probs (if any).
+    in a deterministic order, with their precomputed reference log-probs (if any), collated
+    in ``layout`` (a resolved one: ``shared_prompt`` or ``padded``).
 
     ``shards`` is ``[(None, shard)]`` without a curriculum, else one ``(stage, shard)`` per
     stage, easiest first: each shard is read to its end before the next one starts."""
@@ -115,13 +116,14 @@ def micro_batches(shards: Sequence[tuple[int | None, Any]], cfg: TrainConfig, to
                                                          batch_format="pyarrow")):
             rows = table.to_pylist()
             pairs = tokenize_table_rows(tokenizer, rows, collate_config(cfg))
-            for idx in _chunk_order(table, [p.length for p in pairs], cfg, epoch, chunk, stage):
+            lengths = [p.row_length(layout) for p in pairs]
+            for idx in _chunk_order(table, lengths, cfg, epoch, chunk, stage):
                 if n >= limit:
                     return
                 ref = None
                 if cfg.reference == "precomputed":
                     ref = (_column(rows, idx, REF_COLUMNS[0]), _column(rows, idx, REF_COLUMNS[1]))
-                yield MicroBatch(collate_pairs([pairs[i] for i in idx], pad), ref,
+                yield MicroBatch(collate([pairs[i] for i in idx], pad, layout), ref,
                                  [rows[i].get("pair_id") for i in idx], stage)
                 n += 1
 
@@ -264,6 +266,9 @@ def train_loop(config: dict[str, Any]) -> None:
             trust_remote_code=cfg.trust_remote_code).to(policy.device).eval()
     state = _restore(policy, config)
     logger = _Logger(run_dir, rank, cfg.tensorboard)
+    if rank == 0:
+        print(f"[ecd-ray] batch layout: {policy.layout}"
+              f"{' (auto)' if cfg.layout == 'auto' else ''}", flush=True)
     if rank == 0 and state.get("resumed_from"):
         print(f"[ecd-ray] resumed at step {state['step']} from {state['resumed_from']}",
               flush=True)
@@ -282,7 +287,7 @@ def train_loop(config: dict[str, Any]) -> None:
         outs: list[LossOutput] = []
         tokens, started = 0, time.perf_counter()
         for micro, mb in enumerate(micro_batches(shards, cfg, tokenizer, epoch,
-                                                 micro_per_epoch)):
+                                                 micro_per_epoch, policy.layout)):
             if step >= config["total_steps"]:
                 break
             if micro < skip:
@@ -297,7 +302,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if not outs:
                 lr = policy.lr()  # the rate this optimizer step uses
             outs.append(policy.forward_backward(batch, ref))
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch["sequence_tokens"])  # prompt+chosen plus prompt+rejected
             if fail_kill and fail_once and step + 1 == fail_at and len(outs) == 1:
                 (run_dir / ".failed").write_text("killed\n")
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -390,8 +395,10 @@ RESUME_KEY_FIELDS = (
     # same), the first max_pairs, the source read (pairs_ref/ or pairs/: their blocks split
     # differently over the workers), the split, the chunk shuffle seed, the curriculum stages.
     "pairs", "max_pairs", "reference", "num_workers", "seed", "curriculum",
-    # Which pairs make a micro-batch: bucketed by tokenised length within bucket_window.
+    # Which pairs make a micro-batch: bucketed by tokenised length within bucket_window (the
+    # length a pair has in the layout's rows).
     "micro_batch_size", "bucket_window", "max_prompt_tokens", "max_length", "truncation",
+    "layout",
     # Which micro-batches make an optimizer step (a resume skips step x grad_accum of the
     # epoch) and how many steps there are (the length of the cosine or linear decay).
     "grad_accum", "epochs", "max_steps",
@@ -521,7 +528,7 @@ def _reference_stage(cfg: TrainConfig, model_dir: Path) -> Path:
     add_reference_logprobs(Path(cfg.pairs).resolve(), out, model_dir, collate_config(cfg),
                            limit=cfg.max_pairs, replicas=layout.replicas, cpus=layout.cpus,
                            gpus=layout.gpus, dtype=layout.dtype,
-                           trust_remote_code=cfg.trust_remote_code)
+                           trust_remote_code=cfg.trust_remote_code, layout=cfg.layout)
     done.write_text(json.dumps({"seconds": round(time.time() - t, 1), "model": str(model_dir),
                                 "layout": layout.__dict__, "key": key}, indent=2))
     log.info("reference log-probs written to %s in %.0f s", out, time.time() - t)
