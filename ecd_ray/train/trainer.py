@@ -128,6 +128,20 @@ def micro_batches(shards: Sequence[tuple[int | None, Any]], cfg: TrainConfig, to
                 n += 1
 
 
+def _heap_trimmer() -> Any:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
 def _reduce(values: dict[str, float], world: int) -> dict[str, float]:
     """Mean of each metric over the workers (max for memory)."""
     import torch.distributed as dist
@@ -282,6 +296,7 @@ def train_loop(config: dict[str, Any]) -> None:
     fail_at, fail_kill = int(fail_spec[0]), fail_spec[1:] == ["kill"]
     fail_once = rank == 0 and not (run_dir / ".failed").exists()
     step = state["step"]
+    trim = None if policy.on_gpu else _heap_trimmer()
     for epoch in range(state["epoch"], cfg.epochs):
         skip = state["micro"] if epoch == state["epoch"] else 0
         outs: list[LossOutput] = []
@@ -302,6 +317,12 @@ def train_loop(config: dict[str, Any]) -> None:
             if not outs:
                 lr = policy.lr()  # the rate this optimizer step uses
             outs.append(policy.forward_backward(batch, ref))
+            if trim is not None:
+                # A micro-batch's activations (GiBs on CPU) are freed into glibc's heap, which
+                # keeps the pages; the next micro-batch's differently sized blocks then take
+                # new ones, and the RSS ratchets up step by step. Returning the free pages
+                # after each micro-batch keeps the peak at the states plus one micro-batch.
+                trim(0)
             tokens += int(batch["sequence_tokens"])  # prompt+chosen plus prompt+rejected
             if fail_kill and fail_once and step + 1 == fail_at and len(outs) == 1:
                 (run_dir / ".failed").write_text("killed\n")
