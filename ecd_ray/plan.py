@@ -28,10 +28,12 @@ bf16 and 4 in fp32):
 * optimizer states: AdamW 12 bytes (fp32 master copy + m + v) in bf16, 8 in fp32; SGD (no
   momentum) 4 in bf16 (the master copy), 0 in fp32; ÷N at stage ≥ 1; in host RAM with
   offload_optimizer (with the fp32 gradient partition, 4·P/N).
-* activations, no gradient checkpointing (the trainer does not enable it): Korthikanti et al.
-  2022 (arXiv 2205.05198), 34 × hidden × tokens bytes per layer for 16-bit activations with
-  flash/SDPA attention (their 5·a·s/h attention-score term is not stored), ×2 in fp32; tokens
-  = micro_batch_size × 2 (chosen and rejected go through one forward) × max_length.
+* activations (with gradient checkpointing, which `auto` turns on with GPUs, each layer's
+  input plus one layer's activations): Korthikanti et al. 2022 (arXiv 2205.05198),
+  34 × hidden × tokens bytes per layer for 16-bit activations with flash/SDPA attention (their
+  5·a·s/h attention-score term is not stored), ×2 in fp32; tokens = micro_batch_size × 2 ×
+  max_length, the most a micro-batch can hold in either row layout (padded: two rows of at
+  most max_length per pair; shared-prompt: one row of at most 2 × max_length − prompt).
 * logits: tokens × vocab × (b + 8): the model's logits plus their fp32 copy and the fp32
   log-softmax that the loss keeps for backward.
 * reserve 2 GiB (CUDA context, NCCL, DeepSpeed communication buckets); a plan fits when the
