@@ -47,6 +47,7 @@ from ecd_ray.pairs import build_pairs, is_heldout
 from ecd_ray.pipeline import manifest as mf
 from ecd_ray.pipeline.chain_actor import ChainActor, is_no_space, shard_prefix
 from ecd_ray.pipeline.progress import Progress
+from ecd_ray.ray_setup import read_parquet
 from ecd_ray.seeds import iter_seeds
 from ecd_ray.verify import annotate_levels
 
@@ -200,7 +201,7 @@ def _derive_pairs_and_rejects(cfg: RunConfig, verbose: bool) -> None:
     args = {"cfg": cfg}
     write_args = {"ray_remote_args": {"num_cpus": LIGHT_TASK_CPUS}}
     # Only *.parquet files: the hash and temporary files beside the shards are not data.
-    evolutions = ray.data.read_parquet(str(run_dir / "evolutions"), num_cpus=LIGHT_TASK_CPUS,
+    evolutions = read_parquet(str(run_dir / "evolutions"), num_cpus=LIGHT_TASK_CPUS,
                                        file_extensions=["parquet"])
     pairs = evolutions.map_batches(
         pairs_batch, fn_kwargs=args, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS

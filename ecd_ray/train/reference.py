@@ -28,6 +28,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
+from ecd_ray.ray_setup import read_parquet
 from ecd_ray.train.collate import (
     CollateConfig,
     collate,
@@ -221,7 +222,7 @@ def add_reference_logprobs(pairs_dir: Path, out_dir: Path, model_dir: Path,
     blocks of ``block_rows`` pairs; returns the number of shards written."""
     import ray
 
-    ds = ray.data.read_parquet(str(pairs_dir), num_cpus=0.25)
+    ds = read_parquet(str(pairs_dir), num_cpus=0.25)
     if limit is not None:
         ds = ds.limit(limit)
     # At least two blocks per actor, so that every actor of the pool gets work: an actor

@@ -36,6 +36,7 @@ import torch
 
 from ecd_ray import runlock
 from ecd_ray.config import TrainConfig
+from ecd_ray.ray_setup import read_parquet
 from ecd_ray.train.collate import (
     CollateConfig,
     bucket_batches,
@@ -485,18 +486,6 @@ def check_resume(checkpoint: Path, key: Mapping[str, Any], run_dir: Path) -> Non
         "run_name.")
 
 
-PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-
-
-def quiet_local_ray_logs() -> None:
-    """Ray worker set-up hook of the local Ray that ``train`` starts. Ray Train's placement-group
-    cleaner polls the State API, which a Ray started without its dashboard does not serve, and
-    warns about it every second for the whole run (~90 lines in the demo); only its errors
-    are kept. (It guards against a controller that dies ungracefully; a local run's
-    ``ray.shutdown`` removes the placement groups anyway.)"""
-    logging.getLogger(PG_CLEANER_LOGGER).setLevel(logging.ERROR)
-
-
 def init_ray(cfg: TrainConfig) -> bool:
     """Start local Ray (or join ``ray.address``/``RAY_ADDRESS``) for training, unless Ray is
     already up; True when this call started it (the caller then shuts it down). Several
@@ -517,7 +506,7 @@ def init_ray(cfg: TrainConfig) -> bool:
     ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, needed),
              include_dashboard=False, runtime_env={
                  "env_vars": env,
-                 "worker_process_setup_hook": "ecd_ray.train.trainer.quiet_local_ray_logs"})
+                 "worker_process_setup_hook": "ecd_ray.ray_setup.quiet_local_ray_logs"})
     return True
 
 
@@ -690,7 +679,7 @@ def _train_locked(cfg: TrainConfig) -> dict[str, Any]:
         ray.data.DataContext.get_current().execution_options.preserve_order = True
         source = _reference_stage(cfg, model_dir) if cfg.reference == "precomputed" else \
             Path(cfg.pairs).resolve()
-        ds = ray.data.read_parquet(str(source), num_cpus=0.25)
+        ds = read_parquet(str(source), num_cpus=0.25)
         if cfg.max_pairs is not None:
             ds = ds.limit(cfg.max_pairs)
         counts, stages, datasets = None, None, {"train": ds}
