@@ -202,7 +202,7 @@ def _derive_pairs_and_rejects(cfg: RunConfig, verbose: bool) -> None:
     write_args = {"ray_remote_args": {"num_cpus": LIGHT_TASK_CPUS}}
     # Only *.parquet files: the hash and temporary files beside the shards are not data.
     evolutions = read_parquet(str(run_dir / "evolutions"), num_cpus=LIGHT_TASK_CPUS,
-                                       file_extensions=["parquet"])
+                              file_extensions=["parquet"])
     pairs = evolutions.map_batches(
         pairs_batch, fn_kwargs=args, batch_format="pyarrow", num_cpus=LIGHT_TASK_CPUS
     ).materialize()
