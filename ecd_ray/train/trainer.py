@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 # ``N:kill`` SIGKILLs rank 0's process once, in the middle of step N (after its first
 # micro-batch's backward), as a lost worker would die.
 FAIL_AT_STEP_ENV = "ECD_RAY_FAIL_AT_STEP"
+# "0" turns off the CPU workers' malloc_trim after every micro-batch (see _heap_trimmer)
+MALLOC_TRIM_ENV = "ECD_RAY_MALLOC_TRIM"
 STAGE_COLUMN = "stage"  # the curriculum stage of a pair (ecd_ray.curriculum), 0 = easiest
 
 
@@ -130,7 +132,11 @@ def micro_batches(shards: Sequence[tuple[int | None, Any]], cfg: TrainConfig, to
 
 
 def _heap_trimmer() -> Any:
-    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS).
+
+    CPU workers call it after every micro-batch: glibc keeps the freed activation buffers of
+    a step in its arenas, so the next step's peak comes on top. Set ``ECD_RAY_MALLOC_TRIM=0``
+    (in the environment of the process that starts Ray) to turn it off."""
     import ctypes
     import ctypes.util
 
@@ -297,7 +303,7 @@ def train_loop(config: dict[str, Any]) -> None:
     fail_at, fail_kill = int(fail_spec[0]), fail_spec[1:] == ["kill"]
     fail_once = rank == 0 and not (run_dir / ".failed").exists()
     step = state["step"]
-    trim = None if policy.on_gpu else _heap_trimmer()
+    trim = None if policy.on_gpu or os.environ.get(MALLOC_TRIM_ENV) == "0" else _heap_trimmer()
     for epoch in range(state["epoch"], cfg.epochs):
         skip = state["micro"] if epoch == state["epoch"] else 0
         outs: list[LossOutput] = []

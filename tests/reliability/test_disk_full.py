@@ -174,3 +174,27 @@ def test_enospc_on_a_shard_and_on_the_manifest_stops_cleanly_and_resumes(
     assert _check_stopped_resumable(run_dir, tmp_path / "f2.log") == before
     assert not (run_dir / "manifest.tmp").is_symlink()  # the failed write cleaned up after it
     _resume_and_compare(args, run_dir, tmp_path / "f3.log", before, uninterrupted_run[1])
+
+
+def test_no_space_raised_by_a_driver_write_is_recorded_in_the_manifest(
+        tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver-side write that finds no space, where the manifest still can be written (the
+    seed rejects, the pairs: another folder or device than the manifest's, or space freed in
+    between): the run stops with DiskFull and the manifest says ``failed`` with the cause.
+    The write is made to fail at its function boundary (no Ray is started)."""
+    from ecd_ray.config import load_config
+    from ecd_ray.pipeline import generate as gen
+
+    def full(cfg: Any) -> tuple[int, int]:
+        raise OSError(errno.ENOSPC, "No space left on device",
+                      str(cfg.run_dir / "rejects" / "seeds" / "part-00000.parquet"))
+
+    monkeypatch.setattr(gen, "_write_seed_rejects", full)
+    cfg = load_config(None, run_args(tmp_path, tiny_model, "g"))
+    with pytest.raises(gen.DiskFull, match="no space left") as err:
+        gen.generate(cfg)
+    assert str(cfg.run_dir) in str(err.value) and "resumable" in str(err.value)
+    manifest = json.loads((cfg.run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    assert "No space left on device" in manifest["error"]
+    assert not (cfg.run_dir / runlock.LOCK_FILE).exists()

@@ -1,0 +1,153 @@
+"""What the CPU workers' ``malloc_trim`` after every micro-batch costs and saves (issue 11).
+
+    python benchmarks/bench_malloc_trim.py --pairs /tmp/bench_work/pairs   # 2 x 2 runs, ~20 min
+
+``ecd-ray train`` with the trim on (the default) and off (``ECD_RAY_MALLOC_TRIM=0``), in
+alternating order (on, off, on, off, ...) so that a machine slowing down over the run
+weighs on both sides alike. Every run is the bench_train configuration (SmolLM2-135M-Instruct
+in fp32, the first ``--n-pairs`` pairs, 8 pairs per optimizer step over ZeRO-3 2 workers x 1
+CPU, max_length 768, ``reference=resident``), cut to ``--steps`` steps. Recorded per run:
+each step's time and the workers' peak RSS after it (from ``metrics.jsonl``), and the peak RSS
+of every training process and of the whole process tree, sampled every 0.5 s by
+``bench_train.ProcessTreeSampler``. Writes JSON and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+def _bench_train() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_train", HERE / "bench_train.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_train"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def overrides(args: argparse.Namespace, pairs: Path, work: Path, name: str) -> list[str]:
+    return [f"pairs={pairs}", f"model={args.model}", f"output_dir={work}", f"run_name={name}",
+            "overwrite=true", "loss=dpo", "beta=0.1", "optimizer=adamw", "lr=5e-06",
+            "schedule=cosine", "warmup_steps=0", "clip_grad=1.0", "micro_batch_size=2",
+            "grad_accum=2", f"max_steps={args.steps}", "max_length=768",
+            "max_prompt_tokens=384", "dtype=float32", "seed=0", "reference=resident",
+            "checkpoint_every=1000"]
+
+
+def one_run(bt: Any, args: argparse.Namespace, pairs: Path, work: Path, trim: bool, i: int
+            ) -> dict[str, Any]:
+    from ecd_ray.train.trainer import MALLOC_TRIM_ENV
+
+    name = f"{'on' if trim else 'off'}-{i}"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", MALLOC_TRIM_ENV)}
+    if not trim:
+        env[MALLOC_TRIM_ENV] = "0"
+    cmd = [sys.executable, "-m", "ecd_ray.cli", "train", *overrides(args, pairs, work, name)]
+    print(f"[{name}] {' '.join(cmd[3:])}", flush=True)
+    run = bt.run_measured(cmd, env, work / f"{name}.log", interval=0.5, timeout=args.timeout,
+                          is_training=lambda title: "RayTrainWorker" in title)
+    steps = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()] \
+        if (work / name / "metrics.jsonl").exists() else []
+    rss = run["rss"]
+    out = {"name": name, "trim": trim, "returncode": run["returncode"],
+           "wall_s": round(run["wall_s"], 1),
+           "step_time_s": [round(s["step_time_s"], 2) for s in steps],
+           "worker_peak_rss_gib_by_step": [round(s["peak_rss_gib"], 3) for s in steps],
+           "loss": [s["loss"] for s in steps],
+           "peak_training_process_rss_gib": round(rss["peak_training_process_rss_gib"], 3),
+           "peak_tree_rss_gib": round(rss["peak_tree_rss_gib"], 3)}
+    print(f"[{name}] {json.dumps({k: v for k, v in out.items() if k != 'loss'})}", flush=True)
+    return out
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def side(trim: bool) -> dict[str, float]:
+        rs = [r for r in runs if r["trim"] is trim]
+        later = [t for r in rs for t in r["step_time_s"][1:]]  # step 1 holds warm-up costs
+        return {"mean_step_s_after_first": statistics.fmean(later),
+                "peak_training_process_rss_gib": max(r["peak_training_process_rss_gib"]
+                                                     for r in rs),
+                "peak_tree_rss_gib": max(r["peak_tree_rss_gib"] for r in rs),
+                "mean_wall_s": statistics.fmean(r["wall_s"] for r in rs)}
+    on, off = side(True), side(False)
+    return {"on": on, "off": off,
+            "on_over_off": {k: round(on[k] / off[k], 3) for k in on}}
+
+
+def plot(record: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in record["runs"]:
+        style = "-" if r["trim"] else "--"
+        steps = range(1, len(r["step_time_s"]) + 1)
+        a.plot(steps, r["step_time_s"], style, marker="o", label=r["name"])
+        b.plot(steps, r["worker_peak_rss_gib_by_step"], style, marker="o", label=r["name"])
+    a.set(xlabel="step", ylabel="step time (s)", title="step time")
+    b.set(xlabel="step", ylabel="GiB", title="workers' peak RSS so far")
+    a.legend(fontsize=8)
+    fig.suptitle(f"malloc_trim on (solid) vs off (dashed), {record['cpu']['model']}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from ecd_ray.config import EMBEDDED_MODEL
+    from ecd_ray.hardware import cpu_info
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pairs", type=Path, required=True, help="a folder of pairs Parquet")
+    ap.add_argument("--model", default=EMBEDDED_MODEL)
+    ap.add_argument("--n-pairs", type=int, default=48)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2, help="pairs of runs (on, off)")
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench_malloc_trim"))
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "malloc_trim.json")
+    args = ap.parse_args(argv)
+    from ecd_ray.models import resolve_model
+
+    args.model = str(resolve_model(args.model))
+    bt = _bench_train()
+    args.work.mkdir(parents=True, exist_ok=True)
+    pairs = args.work / "pairs"
+    bt.write_subset(args.pairs, args.n_pairs, pairs)
+    started = datetime.now(timezone.utc)
+    runs = [one_run(bt, args, pairs, args.work, trim, i)
+            for i in range(args.repeats) for trim in (True, False)]
+    cpu = cpu_info()
+    record = {"benchmark": "malloc_trim after every micro-batch: on vs off",
+              "command": " ".join(["python", "benchmarks/bench_malloc_trim.py",
+                                   *(argv if argv is not None else sys.argv[1:])]),
+              "date": started.isoformat(timespec="seconds"),
+              "cpu": {"model": cpu["model"], "cores": os.cpu_count(),
+                      "avx512_bf16": "avx512_bf16" in cpu["flags"],
+                      "amx_bf16": "amx_bf16" in cpu["flags"]},
+              "settings": {"n_pairs": args.n_pairs, "steps": args.steps,
+                           "repeats": args.repeats, "model": args.model},
+              "runs": runs, "summary": summary(runs)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    plot(record, args.out.with_suffix(".png"))
+    print(json.dumps(record["summary"], indent=1))
+    return record
+
+
+if __name__ == "__main__":
+    main()
