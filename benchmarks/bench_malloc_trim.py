@@ -4,9 +4,10 @@
 
 ``ecd-ray train`` with the trim on (the default) and off (``ECD_RAY_MALLOC_TRIM=0``), in
 alternating order (on, off, on, off, ...) so that a machine slowing down over the run
-weighs on both sides alike. Every run is the bench_train configuration (SmolLM2-135M-Instruct
-in fp32, the first ``--n-pairs`` pairs, 8 pairs per optimizer step over ZeRO-3 2 workers x 1
-CPU, max_length 768, ``reference=resident``), cut to ``--steps`` steps. Recorded per run:
+weighs on both sides alike. Every run is ``bench_train.py``'s ecd configuration, built by its
+own ``ecd_overrides`` (SmolLM2-135M-Instruct in fp32, the first ``--n-pairs`` pairs, 8 pairs
+per optimizer step over the trainer's default ZeRO-3 2 workers x 1 CPU, max_length 768), with
+``reference=resident``, cut to ``--steps`` steps. Recorded per run:
 each step's time and the workers' peak RSS after it (from ``metrics.jsonl``), and the peak RSS
 of every training process and of the whole process tree, sampled every 0.5 s by
 ``bench_train.ProcessTreeSampler``. Writes JSON and a PNG.
@@ -15,7 +16,6 @@ of every training process and of the whole process tree, sampled every 0.5 s by
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -25,40 +25,25 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+import bench_train as bt  # noqa: E402 - beside this script
 
 
-def _bench_train() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_train", HERE / "bench_train.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_train"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def overrides(args: argparse.Namespace, pairs: Path, work: Path, name: str) -> list[str]:
-    return [f"pairs={pairs}", f"model={args.model}", f"output_dir={work}", f"run_name={name}",
-            "overwrite=true", "loss=dpo", "beta=0.1", "optimizer=adamw", "lr=5e-06",
-            "schedule=cosine", "warmup_steps=0", "clip_grad=1.0", "micro_batch_size=2",
-            "grad_accum=2", f"max_steps={args.steps}", "max_length=768",
-            "max_prompt_tokens=384", "dtype=float32", "seed=0", "reference=resident",
-            "checkpoint_every=1000"]
-
-
-def one_run(bt: Any, args: argparse.Namespace, pairs: Path, work: Path, trim: bool, i: int
-            ) -> dict[str, Any]:
+def one_run(base: list[str], work: Path, trim: bool, i: int, timeout: float) -> dict[str, Any]:
     from ecd_ray.train.trainer import MALLOC_TRIM_ENV
 
     name = f"{'on' if trim else 'off'}-{i}"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", MALLOC_TRIM_ENV)}
     if not trim:
         env[MALLOC_TRIM_ENV] = "0"
-    cmd = [sys.executable, "-m", "ecd_ray.cli", "train", *overrides(args, pairs, work, name)]
+    overrides = [*base, "reference=resident", f"run_name={name}"]
+    cmd = [sys.executable, "-m", "ecd_ray.cli", "train", *overrides]
     print(f"[{name}] {' '.join(cmd[3:])}", flush=True)
-    run = bt.run_measured(cmd, env, work / f"{name}.log", interval=0.5, timeout=args.timeout,
+    run = bt.run_measured(cmd, env, work / f"{name}.log", interval=0.5, timeout=timeout,
                           is_training=lambda title: "RayTrainWorker" in title)
-    steps = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()] \
-        if (work / name / "metrics.jsonl").exists() else []
+    metrics = work / "ecd" / name / "metrics.jsonl"
+    steps = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
     rss = run["rss"]
     out = {"name": name, "trim": trim, "returncode": run["returncode"],
            "wall_s": round(run["wall_s"], 1),
@@ -121,15 +106,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_malloc_trim"))
     ap.add_argument("--out", type=Path, default=HERE / "results" / "malloc_trim.json")
     args = ap.parse_args(argv)
+    if args.steps < 2:
+        ap.error("--steps must be at least 2: step 1 holds warm-up costs and is left out")
     from ecd_ray.models import resolve_model
 
-    args.model = str(resolve_model(args.model))
-    bt = _bench_train()
-    args.work.mkdir(parents=True, exist_ok=True)
-    pairs = args.work / "pairs"
-    bt.write_subset(args.pairs, args.n_pairs, pairs)
+    # bench_train's own ecd configuration (its defaults: 8 pairs a step, max_length 768...)
+    bench = bt.parse_args(["--pairs", str(args.pairs), "--model", args.model,
+                           "--n-pairs", str(args.n_pairs), "--steps", str(args.steps)])
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = {"work": work, "model_dir": resolve_model(args.model),
+           "pairs_file": work / "pairs" / "pairs.parquet",
+           "max_prompt_tokens": min(512, bench.max_length // 2)}
+    bt.write_subset(args.pairs, args.n_pairs, ctx["pairs_file"].parent)
+    workers = bt.ecd_num_workers([f"pairs={ctx['pairs_file'].parent}",
+                                  f"model={ctx['model_dir']}"])
+    base = bt.ecd_overrides(bench, ctx, workers)
     started = datetime.now(timezone.utc)
-    runs = [one_run(bt, args, pairs, args.work, trim, i)
+    runs = [one_run(base, work, trim, i, args.timeout)
             for i in range(args.repeats) for trim in (True, False)]
     cpu = cpu_info()
     record = {"benchmark": "malloc_trim after every micro-batch: on vs off",
@@ -140,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       "avx512_bf16": "avx512_bf16" in cpu["flags"],
                       "amx_bf16": "amx_bf16" in cpu["flags"]},
               "settings": {"n_pairs": args.n_pairs, "steps": args.steps,
-                           "repeats": args.repeats, "model": args.model},
+                           "repeats": args.repeats, "model": str(ctx["model_dir"]),
+                           "overrides": base},
               "runs": runs, "summary": summary(runs)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")

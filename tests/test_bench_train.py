@@ -290,32 +290,56 @@ def test_write_subset_takes_the_first_pairs_across_shards(tmp_path: Path) -> Non
         bench.write_subset(tmp_path / "src", 6, tmp_path / "out2")
 
 
-ALLOC = "import sys, time; x = b'\\x01' * ({mib} << 20); time.sleep({sleep})"
+# A process that allocates `mib` MiB, touches `ready` once it has, and lives until `stop` exists.
+ALLOC = ("import os, sys, time; x = b'\\x01' * ({mib} << 20); open({ready!r}, 'w').close()\n"
+         "t = time.monotonic()\n"
+         "while not os.path.exists({stop!r}) and time.monotonic() - t < 120: time.sleep(0.05)")
+
+
+def _wait_for(path: Path, timeout: float = 120.0) -> None:
+    t0 = time.monotonic()
+    while not path.exists():
+        assert time.monotonic() - t0 < timeout, f"{path.name} never appeared"
+        time.sleep(0.05)
 
 
 def test_sampler_counts_descendants_and_tagged_orphans_only(tmp_path: Path) -> None:
     """The root allocates 60 MiB; its child starts a grandchild (120 MiB) and exits at once,
     so the grandchild is re-parented and found only by the tag; a process outside the command
-    (150 MiB, no tag) is never counted."""
-    grandchild = ALLOC.format(mib=120, sleep=10)
+    (150 MiB, no tag) is never counted. Sampling starts only once the child has exited and
+    every process has allocated (signal files, not sleeps), so no sample can see the
+    grandchild while it is still a descendant, however slow the machine."""
+    stop = tmp_path / "stop"
+    grandchild = ALLOC.format(mib=120, ready=str(tmp_path / "grandchild"), stop=str(stop))
     child = (f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', "
              f"{grandchild!r}], start_new_session=True)")
     root = textwrap.dedent(f"""
-        import subprocess, sys, time
+        import os, subprocess, sys, time
         x = b'\\x01' * (60 << 20)
         subprocess.run([sys.executable, '-c', {child!r}], check=True)
-        time.sleep(6)
+        t = time.monotonic()
+        while not os.path.exists({str(tmp_path / "grandchild")!r}) and time.monotonic() - t < 120:
+            time.sleep(0.05)
+        open({str(tmp_path / "root")!r}, 'w').close()
+        while not os.path.exists({str(stop)!r}) and time.monotonic() - t < 120:
+            time.sleep(0.05)
     """)
     tag = uuid.uuid4().hex
-    outsider = subprocess.Popen([sys.executable, "-c", ALLOC.format(mib=150, sleep=12)])
+    outsider = subprocess.Popen([sys.executable, "-c", ALLOC.format(
+        mib=150, ready=str(tmp_path / "outsider"), stop=str(stop))])
     try:
         proc = subprocess.Popen([sys.executable, "-c", root],
                                 env={**os.environ, bench.TAG_ENV: tag})
+        _wait_for(tmp_path / "root")  # the child has exited, the grandchild has allocated
+        _wait_for(tmp_path / "outsider")
         sampler = bench.ProcessTreeSampler(proc.pid, tag, interval=0.2,
                                            root_is_training=True).start()
+        time.sleep(2.0)
+        stop.touch()
         proc.wait(timeout=120)
         res = sampler.stop()
     finally:
+        stop.touch()
         outsider.wait(timeout=120)
     pids = {p["pid"] for p in res["top_processes"]}
     assert outsider.pid not in pids

@@ -317,8 +317,8 @@ def test_zero3_killed_and_resumed_runs_reach_the_uninterrupted_weights(
     pairs = separable_pairs(tmp_path / "pairs", 64)  # 64 pairs / 2 workers / (2x2) = 8 steps
     # The reference model is resident in the workers: a reference stage per run (25 s each
     # here) is not what this test is about (tests/test_train_resume.py covers its reuse).
-    c = train(_cfg(tmp_path, tiny_model, pairs, "run_name=c", "checkpoint_every=2",
-                   "reference=resident"))
+    same = ("checkpoint_every=2", "reference=resident")
+    c = train(_cfg(tmp_path, tiny_model, pairs, "run_name=c", *same))
     run_c = tmp_path / "c"
     assert c["steps"] == 8 and c["resumed_from"] is None
     whole = _metrics(run_c)
@@ -336,8 +336,7 @@ def test_zero3_killed_and_resumed_runs_reach_the_uninterrupted_weights(
 
     # (A) a lost worker: SIGKILL mid-step 5 (after its first micro-batch), one retry allowed
     monkeypatch.setenv(FAIL_AT_STEP_ENV, "5:kill")
-    a = train(_cfg(tmp_path, tiny_model, pairs, "run_name=a", "checkpoint_every=2",
-                   "max_failures=1", "reference=resident"))
+    a = train(_cfg(tmp_path, tiny_model, pairs, "run_name=a", "max_failures=1", *same))
     assert (tmp_path / "a" / ".failed").read_text() == "killed\n"  # the kill happened
     assert a["steps"] == 8
     # Ray Train restarts from the newest checkpoint it had registered when the worker died:
@@ -351,16 +350,14 @@ def test_zero3_killed_and_resumed_runs_reach_the_uninterrupted_weights(
     # command again passes over step 4 and resumes from step 2
     monkeypatch.setenv(FAIL_AT_STEP_ENV, "5")
     with pytest.raises(Exception, match="injected failure"):
-        train(_cfg(tmp_path, tiny_model, pairs, "run_name=b", "checkpoint_every=2",
-                   "max_failures=0", "reference=resident"))
+        train(_cfg(tmp_path, tiny_model, pairs, "run_name=b", "max_failures=0", *same))
     monkeypatch.delenv(FAIL_AT_STEP_ENV)
     step4 = tmp_path / "b" / "ray" / "attempt-0" / "step_000004"
     assert checkpoint_problem(step4) is None
     victim = max(json.loads((step4 / "ecd_complete_rank1.json").read_text())["files"])
     (step4 / victim).unlink()
     assert victim in checkpoint_problem(step4)
-    b = train(_cfg(tmp_path, tiny_model, pairs, "run_name=b", "checkpoint_every=2",
-                   "reference=resident"))
+    b = train(_cfg(tmp_path, tiny_model, pairs, "run_name=b", *same))
     assert b["resumed_from"].endswith("step_000002")
     assert [m["step"] for m in _metrics(tmp_path / "b")] == [1, 2, 3, 4, 5, 3, 4, 5, 6, 7, 8]
 

@@ -136,9 +136,12 @@ def _heap_trimmer() -> Any:
 
     CPU workers call it after every micro-batch: glibc keeps the freed activation buffers of
     a step in its arenas, so the next step's peak comes on top. Set ``ECD_RAY_MALLOC_TRIM=0``
-    (in the environment of the process that starts Ray) to turn it off."""
+    (in the environment of the process that starts Ray) to turn it off: None then too."""
     import ctypes
     import ctypes.util
+
+    if os.environ.get(MALLOC_TRIM_ENV) == "0":
+        return None
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -303,7 +306,7 @@ def train_loop(config: dict[str, Any]) -> None:
     fail_at, fail_kill = int(fail_spec[0]), fail_spec[1:] == ["kill"]
     fail_once = rank == 0 and not (run_dir / ".failed").exists()
     step = state["step"]
-    trim = None if policy.on_gpu or os.environ.get(MALLOC_TRIM_ENV) == "0" else _heap_trimmer()
+    trim = None if policy.on_gpu else _heap_trimmer()
     for epoch in range(state["epoch"], cfg.epochs):
         skip = state["micro"] if epoch == state["epoch"] else 0
         outs: list[LossOutput] = []
