@@ -47,7 +47,7 @@ from ecd_ray.pairs import build_pairs, is_heldout
 from ecd_ray.pipeline import manifest as mf
 from ecd_ray.pipeline.chain_actor import ChainActor, is_no_space, shard_prefix
 from ecd_ray.pipeline.progress import Progress
-from ecd_ray.ray_setup import read_parquet
+from ecd_ray.ray_setup import local_ray_on_loopback, read_parquet
 from ecd_ray.seeds import iter_seeds
 from ecd_ray.verify import annotate_levels
 
@@ -174,15 +174,16 @@ def _init_ray(cfg: RunConfig, verbose: bool) -> bool:
     needed = int(cfg.teacher.replicas * cfg.teacher.num_cpus + 1)
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, needed)
     store = cfg.ray.object_store_memory_gib
-    ray.init(
-        address="local",  # never attach to another Ray instance on this machine
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        object_store_memory=int(store * 2**30) if store else None,
-        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-        log_to_driver=verbose,
-        logging_level=logging.INFO if verbose else logging.ERROR,
-    )
+    with local_ray_on_loopback():  # its servers listen on 127.0.0.1 only
+        ray.init(
+            address="local",  # never attach to another Ray instance on this machine
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            object_store_memory=int(store * 2**30) if store else None,
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.ERROR,
+        )
     return True
 
 

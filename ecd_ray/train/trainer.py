@@ -36,7 +36,7 @@ import torch
 
 from ecd_ray import runlock
 from ecd_ray.config import TrainConfig
-from ecd_ray.ray_setup import read_parquet
+from ecd_ray.ray_setup import local_ray_on_loopback, read_parquet
 from ecd_ray.train.collate import (
     CollateConfig,
     bucket_batches,
@@ -512,10 +512,12 @@ def init_ray(cfg: TrainConfig) -> bool:
         return True
     # Logical CPUs: the workers plus headroom for Ray Data's read and split tasks.
     needed = int(cfg.num_workers * cfg.cpus_per_worker + 2)
-    ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, needed),
-             include_dashboard=False, runtime_env={
-                 "env_vars": env,
-                 "worker_process_setup_hook": "ecd_ray.ray_setup.quiet_local_ray_logs"})
+    with local_ray_on_loopback():  # its servers listen on 127.0.0.1 only
+        ray.init(address="local",
+                 num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, needed),
+                 include_dashboard=False, runtime_env={
+                     "env_vars": env,
+                     "worker_process_setup_hook": "ecd_ray.ray_setup.quiet_local_ray_logs"})
     return True
 
 

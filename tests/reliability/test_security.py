@@ -7,13 +7,15 @@
   console output and no error text, even when a hostile server echoes the key back;
 * YAML: configs are safe-loaded: a ``!!python/object/apply`` tag is refused with a clear error
   and runs nothing (generate, train and plan);
-* network: the local Ray that generate and train start serves no dashboard, and nothing the
-  project starts listens beyond loopback; Ray 2.60's own RPC servers do (see RAY_COMPONENTS).
+* network: the local Ray that generate and train start serves no dashboard, and nothing it
+  or the project starts listens beyond loopback: Ray's GCS, raylet, core workers and agents
+  included (``ecd_ray.ray_setup.local_ray_on_loopback``).
 """
 
 from __future__ import annotations
 
 import ast
+import ipaddress
 import json
 import os
 import secrets
@@ -39,6 +41,7 @@ from ecd_ray.config import (
     load_train_config,
 )
 from ecd_ray.engines.base import ChatRequest, Sampling
+from ecd_ray.ray_setup import RAY_CLUSTER_ENV
 
 PACKAGE = Path(ecd_ray.__file__).parent
 
@@ -425,13 +428,12 @@ def _ours() -> set[int]:
     return {me.pid, *(p.pid for p in me.children(recursive=True))}
 
 
-LOOPBACK = {"127.0.0.1", "::1"}
-# Ray 2.60's own processes: their gRPC servers (GCS, raylet, every core worker, this driver's
-# included) listen on all interfaces ("::"), and ray.init turns _node_ip_address="127.0.0.1"
-# into the machine's address on purpose, so no ray.init option keeps them on loopback; the
-# agents and metrics exporters bind the node address. Only these may listen beyond loopback.
-RAY_COMPONENTS = ("gcs_server", "raylet", "ray::", "dashboard.py", "monitor.py",
-                  "log_monitor.py", "default_worker.py", "DashboardAgent", "RuntimeEnvAgent")
+def _is_loopback(ip: str) -> bool:
+    """127.0.0.0/8, ::1, or loopback as an IPv4-mapped IPv6 address (::ffff:127.0.0.1, what
+    a dual-stack gRPC server bound to 127.0.0.1 reports)."""
+    addr = ipaddress.ip_address(ip)
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return addr.is_loopback or bool(mapped and mapped.is_loopback)
 
 
 def _component(pid: int) -> str:
@@ -445,18 +447,20 @@ def _component(pid: int) -> str:
 
 
 @pytest.mark.parametrize("which", ["generate", "train"])
-def test_local_ray_starts_no_dashboard_and_only_ray_core_listens_beyond_loopback(
+def test_local_ray_starts_no_dashboard_and_listens_on_loopback_only(
         which: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Start Ray as ``ecd-ray generate`` / ``train`` do, make it start a worker, and list the
     listening sockets of every process this test started: the dashboard (its web UI and REST
-    API) is not served, and whatever listens beyond loopback is one of Ray's own components
-    (reported, see RAY_COMPONENTS), never something the project starts."""
+    API) is not served, and every socket listens on loopback: Ray's GCS, raylet, workers and
+    agents as well as anything the project starts. The address Ray took for the node is
+    loopback, and the variable that made it so is not left in the environment."""
     import ray
 
     from ecd_ray.pipeline.generate import _init_ray
     from ecd_ray.train.trainer import init_ray
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv(RAY_CLUSTER_ENV, raising=False)
     monkeypatch.setenv("RAY_TMPDIR", ray_tmp := _short_tmp())
     before = set(_listening(_ours()))
     try:
@@ -466,6 +470,7 @@ def test_local_ray_starts_no_dashboard_and_only_ray_core_listens_beyond_loopback
             assert init_ray(TrainConfig(num_workers=1, output_dir=str(tmp_path),
                                         ray=dict(num_cpus=1)))
         dashboard = ray._private.worker._global_node.webui_url
+        node_ip = ray._private.worker._global_node.node_ip_address
         assert ray.get(ray.remote(lambda: os.getpid()).remote()) != os.getpid()
         sockets = [s for s in _listening(_ours()) if s not in before]
         named = {(pid, _component(pid)) for pid, *_ in sockets}
@@ -474,9 +479,9 @@ def test_local_ray_starts_no_dashboard_and_only_ray_core_listens_beyond_loopback
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not dashboard, f"the Ray dashboard is served at {dashboard}"
     assert len(sockets) >= 3, sockets  # GCS, raylet, workers: the scan saw Ray
-    names = dict(named)
-    exposed = sorted({(names[pid], ip, port) for pid, _, ip, port in sockets
-                      if ip not in LOOPBACK})
-    print("listening beyond loopback:", *exposed, sep="\n  ")
-    foreign = [e for e in exposed if not any(c in e[0] for c in RAY_COMPONENTS)]
-    assert not foreign, f"a server the project starts listens beyond loopback: {foreign}"
+    assert _is_loopback(node_ip), node_ip
+    assert RAY_CLUSTER_ENV not in os.environ
+    assert ray._private.ray_constants.ENABLE_RAY_CLUSTER  # put back: later clusters are real
+    exposed = sorted({(dict(named)[pid], ip, port) for pid, _, ip, port in sockets
+                      if not _is_loopback(ip)})
+    assert not exposed, "listening beyond loopback:\n  " + "\n  ".join(map(str, exposed))
