@@ -21,10 +21,20 @@ whose peaks are recorded apart);
 - bytes of spilled objects on disk (files under the run's Ray temp dir whose path holds
   ``spill``).
 
-Throughput is binned into windows of ``--window`` s (60: seeds per minute). The steady windows
-are the full windows after the first shard was written (engine start-up) and before the last
-seed; "flat" means every steady window's rate is within ``--flat-tolerance`` (10%) of their
-mean. Writes ``--out`` (JSON) and the same name with ``.png``.
+Throughput is binned into windows of ``--window`` s (60: seeds per minute). It is counted from
+the chain actors' completion tokens, which each actor logs twice a second
+(``logs/occupancy-*.jsonl``; every request makes exactly ``--new-tokens`` tokens, so tokens are
+proportional to chains), converted to chains with the run's tokens per chain. The count of
+finished shards is kept beside it (``windows_by_shards``), but it moves a whole shard at a time:
+250 chains, about 9% of a minute's work here, so one shard more or less in a window is a 9%
+swing that is not the pipeline's. The steady windows are the full windows after the first
+shard was written (engine start-up) and before the last seed; "flat" means every steady
+window's rate is within ``--flat-tolerance`` (10%) of their mean. Each window also records the
+cores each group of processes kept busy (chain actors, driver, the rest of Ray, and this
+sampling script) and the actors' tokens per CPU-second, which tell a pipeline that slows down
+from a machine that gives it less CPU.
+
+Writes ``--out`` (JSON) and the same name with ``.png``.
 """
 
 from __future__ import annotations
@@ -116,20 +126,30 @@ def sample(pid: int, count: ShardCounter, ray_tmp: Path, t0: float) -> dict[str,
     import psutil
 
     driver_rss = driver_fds = others_rss = tree_fds = 0
+    cpu = {"driver": 0.0, "actors": 0.0, "others": 0.0}
     procs = _tree(pid)
     for p in procs:
         try:
-            rss, fds = p.memory_info().rss, p.num_fds()
+            rss, fds, times = p.memory_info().rss, p.num_fds(), p.cpu_times()
+            title = p.name() if p.pid == pid else " ".join(p.cmdline()[:1])
         except psutil.Error:
             continue
         tree_fds += fds
+        used = times.user + times.system
         if p.pid == pid:
             driver_rss, driver_fds = rss, fds
+            cpu["driver"] += used
         else:
             others_rss += rss
+            cpu["actors" if "ChainActor" in title else "others"] += used
+    spilled = _spilled_bytes(ray_tmp)
     return {"t": round(time.monotonic() - t0, 2), "seeds_done": count(),
             "driver_rss": driver_rss, "others_rss": others_rss, "driver_fds": driver_fds,
-            "tree_fds": tree_fds, "processes": len(procs), "spilled": _spilled_bytes(ray_tmp)}
+            "tree_fds": tree_fds, "processes": len(procs), "spilled": spilled,
+            # CPU seconds so far (user + system) of the live processes of each group, and of
+            # this sampling script itself, which shares the machine's cores with the run
+            "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
+            "sampler_cpu_s": round(time.process_time(), 2)}
 
 
 def windows(series: list[dict[str, Any]], window: float) -> list[dict[str, Any]]:
@@ -160,6 +180,68 @@ def windows(series: list[dict[str, Any]], window: float) -> list[dict[str, Any]]
                     "seeds_per_min": round(seeds * 60 / window, 1),
                     "steady": first is not None and start >= first and end <= last})
         start = end
+    return out
+
+
+def engine_tokens(logs: Path, t0_unix: float) -> list[tuple[float, int]]:
+    """The chain actors' completion tokens so far, summed over actors, as (seconds since the
+    command started, tokens): from the ``occupancy-*.jsonl`` files each actor appends twice a
+    second. An actor restarted counts from zero again; its earlier tokens are kept."""
+    per_actor = []
+    for path in sorted(logs.glob("occupancy-*.jsonl")):
+        points, base, last = [], 0, 0
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row["tokens"] < last:  # a new incarnation
+                base += last
+            last = row["tokens"]
+            points.append((row["t"] - t0_unix, base + last))
+        per_actor.append(points)
+    times = sorted({t for points in per_actor for t, _ in points})
+    return [(round(t, 3), sum(_at(points, t) for points in per_actor)) for t in times]
+
+
+def _at(points: list[tuple[float, int]], t: float) -> float:
+    """Linear interpolation of a cumulative count at ``t`` (0 before, last value after)."""
+    prev = (points[0][0], 0) if points else (t, 0)
+    for pt, value in points:
+        if pt >= t:
+            if pt == prev[0]:
+                return value
+            return prev[1] + (t - prev[0]) / (pt - prev[0]) * (value - prev[1])
+        prev = (pt, value)
+    return prev[1]
+
+
+def engine_windows(tokens: list[tuple[float, int]], series: list[dict[str, Any]],
+                   window: float, tokens_per_chain: float) -> list[dict[str, Any]]:
+    """Chains per minute in each window from the engine's completion tokens (every request
+    of the soak makes exactly ``--new-tokens`` tokens, min = max, so tokens are proportional
+    to chains), sampled at 2 Hz: unlike the shard count, which moves a whole shard (250
+    chains, about 9% of a minute's work here) at a time. Steady windows as in ``windows``;
+    each window also has the CPU the run's processes and this script used (cores busy) and
+    the tokens per CPU-second of the chain actors."""
+    wins = windows(series, window)
+    cpu_t = [(s["t"], s) for s in series if "cpu_s" in s]
+
+    def cpu_at(t: float, key: str) -> float:
+        pts = [(ts, s["sampler_cpu_s"] if key == "sampler" else s["cpu_s"][key])
+               for ts, s in cpu_t]
+        return _at(pts, t)
+
+    out = []
+    for w in wins:
+        a, b = w["start_s"], w["end_s"]
+        made = _at(tokens, b) - _at(tokens, a)
+        row = {**w, "seeds_per_min": round(made / tokens_per_chain * 60 / window, 1),
+               "tokens_per_s": round(made / window, 1)}
+        if cpu_t:
+            busy = {k: round((cpu_at(b, k) - cpu_at(a, k)) / window, 3)
+                    for k in ("actors", "driver", "others", "sampler")}
+            row["cores_busy"] = busy
+            row["tokens_per_actor_cpu_s"] = (round(made / (busy["actors"] * window), 1)
+                                             if busy["actors"] > 0 else None)
+        out.append(row)
     return out
 
 
@@ -203,7 +285,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     log = work / "generate.log"
     count = ShardCounter(out / "soak" / "evolutions")
     series: list[dict[str, Any]] = []
-    t0 = time.monotonic()
+    t0, t0_unix = time.monotonic(), time.time()
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                 start_new_session=True)
@@ -225,12 +307,20 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                            + log.read_text()[-3000:])
     manifest = json.loads((out / "soak" / "manifest.json").read_text())
     during = chain_phase(series[:-1], args.seeds)
-    wins = windows(series, args.window)
+    shard_wins = windows(series, args.window)
+    tokens = engine_tokens(out / "soak" / "logs", t0_unix)
+    chains = manifest["counts"]["chains"]
+    per_chain = tokens[-1][1] / chains if tokens and chains else None
+    wins = engine_windows(tokens, series, args.window, per_chain) if per_chain else shard_wins
     return {
         "wall_s": round(wall, 1), "seeds": args.seeds,
-        "chains": manifest["counts"]["chains"], "accounting_ok": manifest["accounting"]["ok"],
+        "chains": chains, "accounting_ok": manifest["accounting"]["ok"],
         "pairs": manifest["counts"].get("pairs"),
+        "throughput_from": "engine tokens (2 Hz)" if per_chain else "finished shards",
+        "tokens_per_chain": round(per_chain, 2) if per_chain else None,
         "windows": wins, "throughput": flatness(wins, args.flat_tolerance),
+        "windows_by_shards": shard_wins,
+        "throughput_by_shards": flatness(shard_wins, args.flat_tolerance),
         "chain_phase_s": [during[0]["t"], during[-1]["t"]] if during else None,
         "driver_rss": growth(during, "driver_rss"),
         "others_rss": growth(during, "others_rss"),
@@ -315,6 +405,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1) + "\n")
     plot(data, args.out.with_suffix(".png"))
+    for w in data["windows"]:
+        if w.get("steady") and "cores_busy" in w:
+            print(f"  {w['start_s']:>6.0f}-{w['end_s']:<6.0f} s: {w['seeds_per_min']:>8.1f} "
+                  f"seeds/min, {w['tokens_per_s']:>7.1f} tok/s; cores busy {w['cores_busy']}; "
+                  f"{w['tokens_per_actor_cpu_s']} tokens per actor CPU-s")
     th = data["throughput"]
     print(f"{data['seeds']} seeds in {data['wall_s']} s; chains {data['chains']}, accounting "
           f"ok={data['accounting_ok']}; steady throughput {th.get('mean_seeds_per_min')} "

@@ -430,6 +430,12 @@ class TrainConfig(_Model):
     def _safe_name(cls, name: str) -> str:
         return plain_folder_name(name)
 
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare on/off (``gradient_checkpointing=on``) as a boolean
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     @field_validator("max_length")
     @classmethod
     def _room_for_response(cls, value: int, info: Any) -> int:

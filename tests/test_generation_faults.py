@@ -2,12 +2,15 @@
 
 * an over-long seed becomes a reject and its neighbours still get pairs;
 * a SIGKILLed engine actor is restarted and every seed is accounted for exactly once;
+* a shard written by an actor that died before its report reached the driver is kept (its
+  hash checked) and its seeds are not redone;
 * a SIGKILLed driver, then the same command, gives the pair ids of an uninterrupted run;
 * Ctrl-C (SIGINT to the process group, as a terminal sends it) stops the run within 10 s,
   and the same command then finishes it.
 
 Each run is a separate ``python -m ecd_ray.cli generate`` process in its own session, so the
-test can signal it (and the Ray processes it started) by process-group id, never by name.
+test can signal it (and the Ray processes it started) by process-group id, never by name; the
+lost-report test runs ``generate`` in this process, where it can drop the report.
 """
 
 from __future__ import annotations
@@ -210,3 +213,43 @@ def test_ctrl_c_stops_within_10_s_and_the_run_resumes(tmp_path: Path, tiny_model
 
 def _read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
+
+
+def test_a_shard_written_but_never_reported_is_recovered_not_redone(
+        tmp_path: Path, tiny_model: Path, reference: list[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine actor writes a shard and dies before its report reaches the driver (the
+    report is lost with the process). The driver must find that shard on disk, check its hash
+    and count its seeds as done: redoing them would write them twice. In-process, so that the
+    loss is certain: the first report that carries shards is dropped, and the actor that sent
+    it SIGKILLed, before the driver applies it."""
+    import psutil
+
+    from ecd_ray.config import load_config
+    from ecd_ray.pipeline import generate as gen
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config(None, _args(tmp_path, tiny_model, "u")[4:])
+    run_dir = tmp_path / "u"
+    lost: list[str] = []
+    apply = gen._Pool._apply
+
+    def lose_the_first_report(pool: Any, actor: Any, report: dict[str, Any]) -> None:
+        if report["shards"] and not lost:
+            proc = psutil.Process(actor.info["pid"])
+            proc.kill()  # the engine actor, by its process id
+            proc.wait(timeout=60)
+            lost.extend(s["name"] for s in report["shards"])
+            return  # never applied: the driver next polls the dead actor and recovers it
+        apply(pool, actor, report)
+
+    monkeypatch.setattr(gen._Pool, "_apply", lose_the_first_report)
+    manifest = gen.generate(cfg)
+    assert lost, "no report carried a shard"
+    assert manifest["actor_restarts"] == 1
+    assert set(lost) <= {p.name for p in _shards(run_dir)}  # kept, not removed and redone
+    recovered = re.findall(r"(\d+) unreported shard\(s\) recovered",
+                           _read(run_dir / "logs" / "generate.log"))
+    assert recovered and int(recovered[0]) >= len(lost), recovered
+    _check_complete(run_dir)  # every seed written exactly once
+    assert _pair_ids(run_dir) == reference

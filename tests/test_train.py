@@ -121,6 +121,17 @@ def test_train_config_errors(tmp_path: Path) -> None:
     assert "did you mean 'loss'" in text and "max_length" in text
 
 
+def test_gradient_checkpointing_on_and_off_as_typed_on_the_command_line(tmp_path: Path) -> None:
+    """YAML 1.1 reads a bare on/off as a boolean: ``gradient_checkpointing=on`` was refused as
+    "got True"; it means "on"."""
+    pairs = separable_pairs(tmp_path / "pairs", 2)
+    for typed, meant in (("on", "on"), ("off", "off"), ("'on'", "on"), ("auto", "auto")):
+        cfg = load_train_config(None, [f"pairs={pairs}", f"gradient_checkpointing={typed}"])
+        assert cfg.gradient_checkpointing == meant, typed
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        load_train_config(None, [f"pairs={pairs}", "gradient_checkpointing=1"])
+
+
 def test_plan_steps_refuses_too_few_pairs() -> None:
     cfg = TrainConfig(num_workers=2, micro_batch_size=4, grad_accum=4)
     assert plan_steps(cfg, 100) == (3, 3)
