@@ -26,13 +26,14 @@ the chain actors' completion tokens, which each actor logs twice a second
 (``logs/occupancy-*.jsonl``; every request makes exactly ``--new-tokens`` tokens, so tokens are
 proportional to chains), converted to chains with the run's tokens per chain. The count of
 finished shards is kept beside it (``windows_by_shards``), but it moves a whole shard at a time:
-250 chains, about 9% of a minute's work here, so one shard more or less in a window is a 9%
-swing that is not the pipeline's. The steady windows are the full windows after the first
-shard was written (engine start-up) and before the last seed; "flat" means every steady
+250 chains, 10-15% of a minute's work here, so one shard more or less in a window is a
+swing of that size that is not the pipeline's. The steady windows are the full windows after
+the first shard was written (engine start-up) and before the last seed; "flat" means every steady
 window's rate is within ``--flat-tolerance`` (10%) of their mean. Each window also records the
 cores each group of processes kept busy (chain actors, driver, the rest of Ray, and this
-sampling script) and the actors' tokens per CPU-second, which tell a pipeline that slows down
-from a machine that gives it less CPU.
+sampling script) and the actors' tokens per CPU-second: they tell a run whose own processes
+take CPU from the engine from an engine that gets less done per CPU-second (the machine's
+doing: ``engine_drift.py`` measures the engine alone).
 
 Writes ``--out`` (JSON) and the same name with ``.png``.
 """
@@ -77,7 +78,7 @@ def generate_args(model: Path, seeds: Path, out: Path, args: argparse.Namespace)
             f"teacher.model={model}", "teacher.engine=transformers", "teacher.dtype=float32",
             f"rounds={args.rounds}", f"teacher.max_new_tokens={args.new_tokens}",
             f"teacher.min_new_tokens={args.new_tokens}", "teacher.batch_size=64",
-            "teacher.temperature=0", "teacher.num_cpus=1", "ray.num_cpus=2",
+            f"teacher.temperature={args.temperature}", "teacher.num_cpus=1", "ray.num_cpus=2",
             "pairs.policy=all", "pairs.truncated_chosen=keep"]
 
 
@@ -122,33 +123,51 @@ def _spilled_bytes(ray_tmp: Path) -> int:
     return total
 
 
-def sample(pid: int, count: ShardCounter, ray_tmp: Path, t0: float) -> dict[str, Any]:
+class CpuByGroup:
+    """CPU seconds (user + system) used so far by the driver, the chain actors and the rest
+    of the tree. Each sample adds every process's CPU since its previous sample to the group
+    its title names now, so a Ray worker that becomes a chain actor brings none of its
+    earlier CPU along, and a process that exits keeps what it used."""
+
+    def __init__(self, driver: int):
+        self.driver = driver
+        self.last: dict[tuple[int, float], float] = {}  # (pid, create time) -> CPU seen
+        self.total = {"driver": 0.0, "actors": 0.0, "others": 0.0}
+
+    def add(self, proc: Any, title: str) -> None:
+        times = proc.cpu_times()
+        used = times.user + times.system
+        key = (proc.pid, proc.create_time())
+        group = "driver" if proc.pid == self.driver else \
+            "actors" if "ChainActor" in title else "others"
+        self.total[group] += used - self.last.get(key, 0.0)
+        self.last[key] = used
+
+
+def sample(pid: int, count: ShardCounter, ray_tmp: Path, t0: float,
+           cpu: CpuByGroup) -> dict[str, Any]:
     import psutil
 
     driver_rss = driver_fds = others_rss = tree_fds = 0
-    cpu = {"driver": 0.0, "actors": 0.0, "others": 0.0}
     procs = _tree(pid)
     for p in procs:
         try:
-            rss, fds, times = p.memory_info().rss, p.num_fds(), p.cpu_times()
-            title = p.name() if p.pid == pid else " ".join(p.cmdline()[:1])
+            rss, fds = p.memory_info().rss, p.num_fds()
+            cpu.add(p, p.name() if p.pid == pid else " ".join(p.cmdline()[:1]))
         except psutil.Error:
             continue
         tree_fds += fds
-        used = times.user + times.system
         if p.pid == pid:
             driver_rss, driver_fds = rss, fds
-            cpu["driver"] += used
         else:
             others_rss += rss
-            cpu["actors" if "ChainActor" in title else "others"] += used
     spilled = _spilled_bytes(ray_tmp)
     return {"t": round(time.monotonic() - t0, 2), "seeds_done": count(),
             "driver_rss": driver_rss, "others_rss": others_rss, "driver_fds": driver_fds,
             "tree_fds": tree_fds, "processes": len(procs), "spilled": spilled,
             # CPU seconds so far (user + system) of the live processes of each group, and of
             # this sampling script itself, which shares the machine's cores with the run
-            "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
+            "cpu_s": {k: round(v, 2) for k, v in cpu.total.items()},
             "sampler_cpu_s": round(time.process_time(), 2)}
 
 
@@ -218,7 +237,7 @@ def engine_windows(tokens: list[tuple[float, int]], series: list[dict[str, Any]]
     """Chains per minute in each window from the engine's completion tokens (every request
     of the soak makes exactly ``--new-tokens`` tokens, min = max, so tokens are proportional
     to chains), sampled at 2 Hz: unlike the shard count, which moves a whole shard (250
-    chains, about 9% of a minute's work here) at a time. Steady windows as in ``windows``;
+    chains, 10-15% of a minute's work here) at a time. Steady windows as in ``windows``;
     each window also has the CPU the run's processes and this script used (cores busy) and
     the tokens per CPU-second of the chain actors."""
     wins = windows(series, window)
@@ -289,9 +308,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                 start_new_session=True)
+        cpu = CpuByGroup(proc.pid)
         try:
             while proc.poll() is None:
-                series.append(sample(proc.pid, count, ray_tmp, t0))
+                series.append(sample(proc.pid, count, ray_tmp, t0, cpu))
                 if series[-1]["t"] > args.timeout:
                     raise TimeoutError(f"the soak ran past {args.timeout} s")
                 time.sleep(args.interval)
@@ -376,6 +396,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seeds", type=int, default=10_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="0: greedy. The tiny random model's greedy answers decode to nothing, "
+                         "so every chain ends at its first answer; sampling (each request "
+                         "seeded) gives answers, and chains of every level")
     ap.add_argument("--interval", type=float, default=1.0, help="sampling period (s)")
     ap.add_argument("--window", type=float, default=60.0, help="throughput window (s)")
     ap.add_argument("--flat-tolerance", type=float, default=0.10)

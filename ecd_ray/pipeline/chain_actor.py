@@ -304,14 +304,17 @@ class ChainActor:
         tick = min(0.5, wait / 4)
         while True:
             await asyncio.sleep(tick)
-            if self.scheduler is not None:
-                st = self.scheduler.stats
-                self._occupancy.append((round(time.time(), 3), st.in_flight,
-                                        st.chains_in_flight, st.completion_tokens))
+            self._sample_occupancy()
             idle = self._queue is not None and self._queue.empty() and \
                 self.scheduler is not None and self.scheduler.stats.chains_in_flight == 0
             if self._oldest is not None and (idle or time.monotonic() - self._oldest >= wait):
                 await self._flush()  # old enough, or nothing else to wait for
+
+    def _sample_occupancy(self) -> None:
+        if self.scheduler is not None:
+            st = self.scheduler.stats
+            self._occupancy.append((round(time.time(), 3), st.in_flight, st.chains_in_flight,
+                                    st.completion_tokens))
 
     async def _flush(self) -> None:
         async with self._flush_lock:
@@ -328,6 +331,7 @@ class ChainActor:
                 self._news.set()
 
     async def _write_finished(self) -> None:
+        self._sample_occupancy()  # the log then covers the run up to this shard, the last too
         samples, self._occupancy = self._occupancy, []
         if samples:
             await asyncio.to_thread(_append_occupancy, samples,

@@ -74,11 +74,15 @@ def test_500_seed_soak_accounts_every_seed_and_leaks_nothing(tmp_path: Path) -> 
                       "--work", str(tmp_path / "work"), "--out", str(tmp_path / "soak.json")])
     assert (tmp_path / "soak.json").exists() and (tmp_path / "soak.png").exists()
     assert data["chains"] == 500 and data["accounting_ok"] is True
-    # throughput from the engine's tokens; each steady window saw the actor at work
+    # throughput from the engine's tokens; the busiest windows saw the actor at work, and no
+    # group's CPU ever goes backwards (a worker turning into an actor, an actor exiting)
     assert data["throughput_from"] == "engine tokens (2 Hz)"
-    assert data["tokens_per_chain"] == pytest.approx(3 * 2 * 32, rel=0.05)  # 3 rounds
-    steady = [w for w in data["windows"] if w["steady"]]
-    assert steady and all(w["cores_busy"]["actors"] > 0.1 for w in steady), steady
+    # greedy, the tiny model's first answer decodes to nothing: one 32-token request a chain
+    assert data["tokens_per_chain"] == pytest.approx(32, rel=0.05)
+    peak = max(w["tokens_per_s"] for w in data["windows"])
+    working = [w for w in data["windows"] if w["tokens_per_s"] >= peak / 2]
+    assert peak > 0 and all(w["cores_busy"]["actors"] > 0.5 for w in working), working
+    assert all(v >= 0 for w in data["windows"] for v in w["cores_busy"].values())
     assert data["series"][-1]["seeds_done"] <= 500
     assert max(s["seeds_done"] for s in data["series"]) > 0  # it was sampled while working
     fds = data["driver_fds"]
