@@ -34,8 +34,9 @@ def quiet_local_ray_logs() -> None:
 def local_ray_on_loopback() -> Iterator[None]:
     """Around the ``ray.init(address="local")`` that starts a one-machine Ray: make Ray take
     127.0.0.1 as this node's address, so that its GCS, raylet, core workers, object manager and
-    agents listen on loopback only (Ray 2.60 binds each server to the node address; without
-    this the node address is the machine's, and the GCS, raylet and workers listen on ``::``).
+    agents listen on loopback only (Ray 2.60 binds its servers to loopback when the node address
+    is loopback; otherwise the node address is the machine's, and the GCS, raylet and workers
+    listen on ``::``, the agents on ``0.0.0.0`` and that address).
 
     Ray has no ``ray.init`` option for it: ``_node_ip_address="127.0.0.1"`` is turned back into
     the machine's address. What decides it is ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``: when it
